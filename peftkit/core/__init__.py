@@ -1,0 +1,1 @@
+"""Method-agnostic machinery: configs, registry, injection, the adapter layer, weights, IO."""

@@ -1,0 +1,115 @@
+"""Target matching and module replacement.
+
+Target syntax (shared by `targets`, `exclude` and per-module patterns such as LoRA's `rank_pattern`):
+
+* a name or dotted suffix matches on component boundaries: "q_proj" matches
+  "model.layers.0.self_attn.q_proj" but not "model.layers.0.self_attn.xq_proj";
+* "re:<regex>" is matched against the whole module name;
+* "all-linear" is every linear layer (nn.Linear, GPT-2 Conv1D) except the output head;
+* "input-embeddings" is the model's input embedding module (`get_input_embeddings()`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from .config import AdapterConfig, ConfigError
+from .weights import is_linear
+
+HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls", "qa_outputs")
+
+
+def matches(name: str, pattern: str) -> bool:
+    """True when module `name` matches one target pattern (see the module docstring)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def head_module_names(model: nn.Module) -> set[str]:
+    """Names of the output head(s): `get_output_embeddings()` plus conventional head names."""
+    heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads |= {n for n, m in model.named_modules() if m is out}
+    return heads
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """Module name of the model's input embeddings."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    for name, module in model.named_modules():
+        if module is emb or (emb is not None and getattr(module, "base", None) is emb):
+            return name
+    raise ConfigError(f"{type(model).__name__} has no get_input_embeddings(); name the embedding in `targets`")
+
+
+def layer_index(name: str) -> int | None:
+    """The first integer component of a dotted module name ("model.layers.3.mlp" -> 3)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every linear-like layer, for error messages."""
+    return [n for n, m in model.named_modules() if is_linear(m)]
+
+
+def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str], inputs: str | None) -> bool:
+    targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets or [])
+    hit = False
+    for target in targets:
+        if target == "all-linear":
+            hit = is_linear(module) and not any(name == h or name.startswith(h + ".") for h in heads)
+        elif target == "input-embeddings":
+            hit = name == inputs
+        else:
+            hit = matches(name, target)
+        if hit:
+            break
+    if not hit or any(matches(name, pattern) for pattern in cfg.exclude):
+        return False
+    return cfg.layers is None or layer_index(name) in cfg.layers
+
+
+def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Names of the modules `cfg` selects; raises, listing candidates, when nothing matches."""
+    heads = head_module_names(model)
+    wants_inputs = "input-embeddings" in ([cfg.targets] if isinstance(cfg.targets, str) else cfg.targets or [])
+    inputs = input_embedding_name(model) if wants_inputs else None
+    names = [n for n, m in model.named_modules() if n and _selected(n, m, cfg, heads, inputs)]
+    if not names:
+        linear = ", ".join(_shorten(linear_module_names(model)))
+        raise ConfigError(
+            f"no module matched targets {cfg.targets!r} (exclude={cfg.exclude}, layers={cfg.layers}); "
+            f"linear modules in this model: {linear or 'none'}"
+        )
+    return names
+
+
+def _shorten(names: list[str]) -> list[str]:
+    """Unique last components in order: "q_proj, k_proj, ..." rather than every full name."""
+    seen: dict[str, None] = {}
+    for n in names:
+        seen.setdefault(n.split(".")[-1], None)
+    return list(seen)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called `name` ("" is the model itself)."""
+    return model.get_submodule(name) if name else model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` where `name` was; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_module(model, parent_name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old

@@ -1,0 +1,155 @@
+"""`AdapterLayer`: the wrapper every module method subclasses; bookkeeping written once.
+
+A method writes
+
+* `adapt(x, y)`: the adapted output given the input `x` and the base output `y = base(x)`;
+  or `adapted_forward(x)` when it must change what the base sees (input scaling);
+* `delta_weight()` when its update is additive in weight space (`W' = W + delta`), or
+  `merged_weight(W)` / `unmerged_weight(W')` when the fold is not additive (DoRA, (IA)^3);
+* `reset_parameters()`: the method's initialisation (not run when weights are loaded from a file);
+* optionally `after_load()` and `restore_base()` when its init changes the base weight (PiSSA).
+
+The base layer keeps its own state-dict keys: the wrapper's `base.` prefix is stripped on save and
+restored on load, so `model.state_dict()` of an adapted model still reads like the original model's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import weights
+
+
+class MergeError(RuntimeError):
+    """Merging would corrupt the base weights (non-finite values) or is not supported."""
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base module; enable/disable/merge/unmerge live here and nowhere else."""
+
+    mergeable: bool = True
+    """False for methods whose effect cannot be folded into base weights (prompt tuning)."""
+
+    peft_names: dict[str, str] = {}
+    """Local parameter name -> Hugging Face peft key suffix, for methods peft also has."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.merged = False
+        self.enabled = True
+        self._register_state_dict_hook(_strip_base_prefix)
+        self._register_load_state_dict_pre_hook(_add_base_prefix)
+
+    # --- what a method provides -------------------------------------------------------------
+    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adapted output from input `x` and base output `y`."""
+        raise NotImplementedError
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The active forward; override only when the base must see a changed input."""
+        return self.adapt(x, self.base(x, *args, **kwargs))
+
+    def delta_weight(self) -> torch.Tensor:
+        """Additive weight update in the canonical `(d_out, d_in, ...)` layout."""
+        raise MergeError(f"{type(self).__name__} cannot be merged into its base weights")
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Base weight with the adapter folded in; additive by default."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of `merged_weight`."""
+        return weight - self.delta_weight().to(weight.dtype)
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """Base bias with the adapter folded in (unchanged by default)."""
+        return bias
+
+    def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """Inverse of `merged_bias`."""
+        return bias
+
+    def reset_parameters(self) -> None:
+        """Initialise the adapter's parameters (skipped when loading saved weights)."""
+
+    def after_load(self) -> None:
+        """Called after saved adapter weights were loaded (re-derive anything the init derived)."""
+
+    def restore_base(self) -> None:
+        """Undo any change the init made to the base weight (called before unloading unmerged)."""
+
+    def on_attach(self, root: nn.Module) -> None:
+        """Install anything the method needs on the whole model (e.g. a forward pre-hook)."""
+
+    def on_detach(self, root: nn.Module) -> None:
+        """Remove what `on_attach` installed."""
+
+    # --- written once -----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.merged or not self.enabled:
+            return self.base(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight Parameter, so code that reads `module.weight` keeps working."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias Parameter (or None)."""
+        return getattr(self.base, "bias", None)
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True) -> None:
+        """Fold the adapter into the base weights; `safe` refuses non-finite results."""
+        if self.merged:
+            return
+        new_weight = self.merged_weight(weights.get_weight(self.base).float())
+        bias = weights.get_bias(self.base)
+        new_bias = None if bias is None else self.merged_bias(bias.float())
+        if safe and not bool(torch.isfinite(new_weight).all()):
+            raise MergeError(f"merging {type(self).__name__} gives non-finite weights; base left unchanged")
+        weights.set_weight(self.base, new_weight)
+        if new_bias is not None:
+            weights.set_bias(self.base, new_bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter again (exact up to floating-point rounding)."""
+        if not self.merged:
+            return
+        weights.set_weight(self.base, self.unmerged_weight(weights.get_weight(self.base).float()))
+        bias = weights.get_bias(self.base)
+        if bias is not None:
+            weights.set_bias(self.base, self.unmerged_bias(bias.float()))
+        self.merged = False
+
+    def peft_key(self, module_name: str, local: str) -> str:
+        """The key of one of this layer's tensors in a Hugging Face peft adapter file."""
+        return f"base_model.model.{module_name}.{self.peft_names[local]}"
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters (not the base's), by local name."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
+
+
+def _strip_base_prefix(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "base.")]:
+        state_dict[prefix + key[len(prefix) + 5 :]] = state_dict.pop(key)
+
+
+def _add_base_prefix(module, state_dict, prefix, *args) -> None:
+    own = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        local = key[len(prefix) :]
+        if local not in own and "base." + local in own:
+            state_dict[prefix + "base." + local] = state_dict.pop(key)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every AdapterLayer in the model by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}

@@ -1,0 +1,87 @@
+"""Which parameters train, how many there are, and a summary table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .inject import matches
+
+
+@dataclass(frozen=True)
+class TrainableCount:
+    """Trainable and total parameter counts of a model."""
+
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        """Trainable fraction of all parameters."""
+        return self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} of {self.total:,} ({100 * self.share:.4f}%)"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableCount:
+    """Count trainable parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return TrainableCount(trainable, total)
+
+
+def freeze(model: nn.Module) -> None:
+    """Turn off gradients for every parameter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def parameters_of_modules(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Names of all parameters inside modules matching any pattern (target syntax)."""
+    names = []
+    for module_name, module in model.named_modules():
+        if module_name and any(matches(module_name, p) for p in patterns):
+            names += [f"{module_name}.{n}" for n, _ in module.named_parameters()]
+    return sorted(set(names))
+
+
+def summary_rows(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(module, kind, trainable parameters) for every module that holds trainable parameters."""
+    rows = []
+    for name, module in model.named_modules():
+        own = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        adapter = getattr(module, "adapter_parameters", None)
+        if adapter is not None:
+            own = [p for p in adapter().values() if p.requires_grad]
+            kind = type(module).__name__
+        else:
+            if any(n.startswith("base.") for n, _ in module.named_parameters()):
+                continue  # counted by the enclosing AdapterLayer
+            kind = "trained " + type(module).__name__
+        if own:
+            rows.append((name or "<model>", kind, sum(p.numel() for p in own)))
+    return rows
+
+
+def print_summary(model: nn.Module, max_rows: int = 30) -> str:
+    """Print (and return) a table of adapted modules, trainable counts and the trainable share."""
+    rows = summary_rows(model)
+    width = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'module':<{width}}  {'kind':<22}  {'trainable':>12}", "-" * (width + 38)]
+    shown = rows if len(rows) <= max_rows else rows[: max_rows - 1]
+    lines += [f"{n:<{width}}  {k:<22}  {c:>12,}" for n, k, c in shown]
+    if len(rows) > len(shown):
+        rest = rows[len(shown) :]
+        lines.append(f"{'... ' + str(len(rest)) + ' more':<{width}}  {'':<22}  {sum(r[2] for r in rest):>12,}")
+    lines += ["-" * (width + 38), str(trainable_parameters(model))]
+    text = "\n".join(lines)
+    print(text)
+    return text

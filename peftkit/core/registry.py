@@ -1,0 +1,81 @@
+"""Method registry: a decorator per method, no central list to edit.
+
+Two kinds of method exist:
+
+* module methods wrap matched modules: `@register(LoRAConfig)` on
+  `build(module, cfg, name) -> AdapterLayer | None` (None: this module is not supported);
+* selection methods add no modules and only choose which existing parameters train:
+  `@register_selection(HeadOnlyConfig)` on `select(model, cfg) -> list[str]` (parameter names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from .config import AdapterConfig, ConfigError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method: its config class and either a module builder or a selector."""
+
+    name: str
+    config_cls: type[AdapterConfig]
+    build: Callable[[nn.Module, Any, str], nn.Module | None] | None = None
+    select: Callable[[nn.Module, Any], list[str]] | None = None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def _add(method: Method) -> None:
+    if not method.name:
+        raise TypeError(f"{method.config_cls.__name__} must set the class variable `method`")
+    existing = _METHODS.get(method.name)
+    if existing is not None and existing.config_cls is not method.config_cls:
+        raise TypeError(f"method name {method.name!r} is already registered by {existing.config_cls}")
+    _METHODS[method.name] = method
+
+
+def register(config_cls: type[AdapterConfig]) -> Callable:
+    """Register `build(module, cfg, name)` as the module builder of `config_cls.method`."""
+
+    def decorator(build: Callable) -> Callable:
+        _add(Method(config_cls.method, config_cls, build=build))
+        return build
+
+    return decorator
+
+
+def register_selection(config_cls: type[AdapterConfig]) -> Callable:
+    """Register `select(model, cfg) -> parameter names` for a method that adds no modules."""
+
+    def decorator(select: Callable) -> Callable:
+        _add(Method(config_cls.method, config_cls, select=select))
+        return select
+
+    return decorator
+
+
+def get_method(name_or_config: str | AdapterConfig) -> Method:
+    """The registered method for a name or a config instance."""
+    name = name_or_config if isinstance(name_or_config, str) else name_or_config.method
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def registered_methods() -> dict[str, Method]:
+    """All registered methods by name, sorted."""
+    return dict(sorted(_METHODS.items()))
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Rebuild any method's config from its `to_dict()` (the "method" key selects the class)."""
+    if "method" not in data:
+        raise ConfigError(f"config has no 'method' key; registered methods: {', '.join(sorted(_METHODS))}")
+    return get_method(data["method"]).config_cls.from_dict(data)

@@ -1,0 +1,90 @@
+"""The one place that knows how to read and write a base layer's weight.
+
+Every method sees a base weight in one canonical layout, `(d_out, d_in, *kernel)`:
+
+* `nn.Linear`: `weight` as is, `(out, in)`;
+* transformers' GPT-2 `Conv1D`: stores `(in, out)`, so it is transposed;
+* `nn.Embedding`: `(num_embeddings, dim)` as is (a lookup table, "out" = rows);
+* `nn.Conv2d`: `(out, in / groups, kh, kw)` as is.
+
+A quantized base (later) plugs in here by providing `peftkit_get_weight()` / `peftkit_set_weight(w)`
+methods; no caller needs to know the storage format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+try:  # transformers is a dependency, but keep core importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d', 'embedding', 'conv2d' or None for a module no weight method supports."""
+    if hasattr(module, "peftkit_layer_kind"):
+        return module.peftkit_layer_kind
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for layers that compute `x @ W.T + b` (nn.Linear and GPT-2 Conv1D)."""
+    return layer_kind(module) in ("linear", "conv1d")
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of the canonical weight layout."""
+    w = get_weight(module)
+    return w.shape[1], w.shape[0]
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight in canonical `(d_out, d_in, *kernel)` layout (a view where possible)."""
+    if hasattr(module, "peftkit_get_weight"):
+        return module.peftkit_get_weight()
+    kind = layer_kind(module)
+    if kind is None:
+        raise TypeError(f"peftkit cannot read the weight of {type(module).__name__}")
+    weight = module.weight.detach()
+    return weight.T if kind == "conv1d" else weight
+
+
+@torch.no_grad()
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write a canonical-layout weight back into the base layer, in place (keeps the Parameter)."""
+    if hasattr(module, "peftkit_set_weight"):
+        module.peftkit_set_weight(weight)
+        return
+    if layer_kind(module) == "conv1d":
+        weight = weight.T
+    module.weight.data.copy_(weight.to(module.weight.dtype))
+
+
+def get_bias(module: nn.Module) -> torch.Tensor | None:
+    """The base bias or None."""
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach()
+
+
+@torch.no_grad()
+def set_bias(module: nn.Module, bias: torch.Tensor) -> None:
+    """Write the bias back in place."""
+    module.bias.data.copy_(bias.to(module.bias.dtype))
+
+
+def weight_checksum(module: nn.Module) -> list[float]:
+    """A cheap fingerprint of a weight: its sum and its sum of absolute values, in float64."""
+    w = get_weight(module).double()
+    return [float(w.sum()), float(w.abs().sum())]

@@ -1,0 +1,52 @@
+"""Selection baselines that add no modules and only choose which existing parameters train.
+
+* full fine-tuning: every parameter trains (the upper reference every PEFT paper compares with);
+* head-only: the body is frozen and only the output head trains (the linear-probe baseline).
+
+Trainable count: all parameters, or the head's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn as nn
+
+from ..core.config import AdapterConfig, ConfigError
+from ..core.inject import head_module_names
+from ..core.registry import register_selection
+
+
+@dataclass
+class FullFineTuneConfig(AdapterConfig):
+    """Train every parameter of the model (baseline)."""
+
+    method = "full"
+    keep_original: ClassVar[bool] = False  # a second copy of the whole model is too much to keep
+
+
+@dataclass
+class HeadOnlyConfig(AdapterConfig):
+    """Train only the output head (`lm_head`, `classifier`, `score` ...); the body stays frozen."""
+
+    method = "head-only"
+
+
+@register_selection(FullFineTuneConfig)
+def select_all(model: nn.Module, cfg: FullFineTuneConfig) -> list[str]:
+    """Every parameter name (shared tensors once)."""
+    return [n for n, _ in model.named_parameters()]
+
+
+@register_selection(HeadOnlyConfig)
+def select_head(model: nn.Module, cfg: HeadOnlyConfig) -> list[str]:
+    """Parameters of the output head modules."""
+    heads = head_module_names(model)
+    names = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads)]
+    if not names:
+        raise ConfigError(
+            f"found no output head in {type(model).__name__} (looked for get_output_embeddings() and modules "
+            "named lm_head/classifier/score/head); use modules_to_save=[...] with another method instead"
+        )
+    return names
