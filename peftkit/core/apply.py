@@ -109,9 +109,11 @@ def apply(model: nn.Module, cfg: AdapterConfig, *, replace: bool = False, init: 
 def _wrap_modules(model, cfg, build, targets: list[str], init: bool) -> list[str]:
     adapted = []
     for name in targets:
-        layer = build(get_module(model, name), cfg, name)
+        module = get_module(model, name)
+        layer = build(module, cfg, name)
         if layer is None:
             continue
+        layer.train(module.training)  # a new dropout must not be active in an eval-mode model
         replace_module(model, name, layer)
         adapted.append(name)
         if init:

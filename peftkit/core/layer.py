@@ -40,7 +40,7 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.enabled = True
         self._register_state_dict_hook(_strip_base_prefix)
-        self._register_load_state_dict_pre_hook(_add_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
 
     # --- what a method provides -------------------------------------------------------------
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -87,9 +87,15 @@ class AdapterLayer(nn.Module):
         """Remove what `on_attach` installed."""
 
     # --- written once -----------------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The original module's output while disabled; override when the init changed the base."""
+        return self.base(x, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.merged:
             return self.base(x, *args, **kwargs)
+        if not self.enabled:
+            return self.base_forward(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 
     @property

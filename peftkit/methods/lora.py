@@ -135,6 +135,13 @@ class LoRALayer(AdapterLayer):
         if hasattr(self, "lora_A0"):
             self._shift_base(+1.0)
 
+    def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base(x, *args, **kwargs)
+        if not hasattr(self, "lora_A0"):
+            return y
+        # the base holds W0 - s B0 A0: add the initial factors back to show the original model
+        return self.low_rank(x, y, self.lora_A0, self.lora_B0)
+
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, init={self.init}"
 
@@ -149,8 +156,12 @@ class LoRALinear(LoRALayer):
         super().__init__(base, r, scaling, dropout, init, (r, d_in), (d_out, r))
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
-        return y + F.linear(h, self.lora_B * self.scaling).to(y.dtype)
+        return self.low_rank(self.dropout(x), y, self.lora_A, self.lora_B)
+
+    def low_rank(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """y + s B A x."""
+        h = F.linear(x.to(a.dtype), a)  # (..., r)
+        return y + F.linear(h, b * self.scaling).to(y.dtype)
 
 
 class LoRAEmbedding(LoRALayer):

@@ -41,9 +41,11 @@ def select_all(model: nn.Module, cfg: FullFineTuneConfig) -> list[str]:
 
 @register_selection(HeadOnlyConfig)
 def select_head(model: nn.Module, cfg: HeadOnlyConfig) -> list[str]:
-    """Parameters of the output head modules."""
+    """Parameters of the output head modules (a tied head trains the shared embedding too)."""
     heads = head_module_names(model)
-    names = [n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in heads)]
+    # by identity, so a head tied to the input embeddings (GPT-2, SmolLM2) is found under its one name
+    head_ids = {id(p) for n, m in model.named_modules() if n in heads for p in m.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in head_ids]
     if not names:
         raise ConfigError(
             f"found no output head in {type(model).__name__} (looked for get_output_embeddings() and modules "

@@ -1,0 +1,267 @@
+"""The contract every registered method keeps, as one matrix: method x tiny model.
+
+Each row says how to configure the method on a model, the closed-form trainable count, whether the
+method is the identity at init / mergeable / can be disabled, and its tolerances. The checks are the
+same for every row; there are no `if method == ...` branches. A registered method without a row
+fails `test_every_registered_method_has_a_row`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peftkit
+from peftkit.core import weights
+from peftkit.core.apply import get_state
+from peftkit.core.inject import find_targets
+from tiny_models import MODELS, example_inputs, output_of
+
+
+def _adapted(model, cfg) -> list[nn.Module]:
+    return [model.get_submodule(n) for n in find_targets(model, cfg)]
+
+
+def lora_count(model, cfg) -> int:
+    total = 0
+    for m in _adapted(model, cfg):
+        kind, w = weights.layer_kind(m), weights.get_weight(m)
+        if kind == "conv2d":
+            total += cfg.r * (w.shape[1] * w.shape[2] * w.shape[3] + w.shape[0])
+        elif kind is not None:
+            total += cfg.r * (w.shape[0] + w.shape[1])
+    return total
+
+
+def dora_count(model, cfg) -> int:
+    return lora_count(model, cfg) + sum(weights.get_weight(m).shape[0] for m in _adapted(model, cfg))
+
+
+def ia3_count(model, cfg) -> int:
+    from peftkit.core.inject import matches
+
+    total = 0
+    for name in find_targets(model, cfg):
+        d_in, d_out = weights.in_out_features(model.get_submodule(name))
+        total += d_in if any(matches(name, p) for p in cfg.feedforward) else d_out
+    return total
+
+
+def prompt_count(model, cfg) -> int:
+    return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
+
+
+def full_count(model, cfg) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def head_count(model, cfg) -> int:
+    from peftkit.core.inject import head_module_names
+
+    heads = head_module_names(model)
+    return sum(p.numel() for n, m in model.named_modules() if n in heads for p in m.parameters(recurse=False))
+
+
+@dataclass
+class Row:
+    """One method on one tiny model."""
+
+    config: Callable[[], peftkit.AdapterConfig]
+    model: str
+    count: Callable
+    identity_at_init: bool = True
+    mergeable: bool = True
+    can_disable: bool = True
+    trains_base: bool = False
+    """Selection methods train base weights in place: unload keeps them (no original to restore)."""
+    atol: float = 1e-5
+    bf16: bool = True
+    id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+LLM = ("llama", "gpt2", "bert")
+ROWS = [
+    *[Row(lambda: peftkit.LoRAConfig(r=4, alpha=8), m, lora_count) for m in ("mlp", *LLM)],
+    Row(lambda: peftkit.LoRAConfig(r=2, targets=["conv1", "conv2"]), "cnn", lora_count),
+    Row(lambda: peftkit.LoRAConfig(r=4, targets=["embed_tokens", "q_proj"], rslora=True), "llama", lora_count,
+        id="lora-embedding-rslora"),
+    Row(lambda: peftkit.LoRAConfig(r=4, init="gaussian", dropout=0.1, layers=[1]), "llama", lora_count,
+        id="lora-gaussian-layers"),
+    Row(lambda: peftkit.LoRAConfig(r=4, init="pissa", targets=["q_proj", "v_proj"]), "llama", lora_count,
+        identity_at_init=True, atol=2e-5, id="lora-pissa"),
+    Row(lambda: peftkit.LoRAConfig(r=4, init="olora", targets=["c_attn"]), "gpt2", lora_count, atol=2e-5,
+        id="lora-olora"),
+    *[Row(lambda: peftkit.DoRAConfig(r=4, alpha=8), m, dora_count) for m in ("mlp", *LLM)],
+    Row(lambda: peftkit.IA3Config(targets=["fc1", "fc2"], feedforward=["fc2"]), "mlp", ia3_count),
+    *[Row(lambda: peftkit.IA3Config(), m, ia3_count) for m in LLM],
+    *[Row(lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3), m, prompt_count, identity_at_init=False,
+          mergeable=False) for m in LLM],
+    *[Row(lambda: peftkit.FullFineTuneConfig(), m, full_count, can_disable=False, trains_base=True)
+      for m in ("mlp", "llama")],
+    *[Row(lambda: peftkit.HeadOnlyConfig(), m, head_count, trains_base=True) for m in ("mlp", "bert", "cnn", "gpt2")],
+]
+
+
+def _row_id(row: Row) -> str:
+    return row.id or f"{row.config().method}-{row.model}"
+
+
+def setup_row(row: Row, seed: int = 0):
+    model = MODELS[row.model](seed)
+    inputs = example_inputs(row.model)
+    with torch.no_grad():
+        base_out = output_of(model, inputs)
+    base_state = copy.deepcopy(model.state_dict())
+    peftkit.apply(model, row.config())
+    return model, inputs, base_out, base_state
+
+
+def perturb(model, scale: float = 0.1, seed: int = 3) -> None:
+    """Move every trainable parameter away from its init so that later checks can fail."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+rows = pytest.mark.parametrize("row", ROWS, ids=_row_id)
+
+
+def test_every_registered_method_has_a_row():
+    covered = {row.config().method for row in ROWS}
+    assert set(peftkit.registered_methods()) <= covered, set(peftkit.registered_methods()) - covered
+
+
+@rows
+def test_identity_at_init(row):
+    if not row.identity_at_init:
+        pytest.skip("not the identity at init by definition")
+    model, inputs, base_out, _ = setup_row(row)
+    with torch.no_grad():
+        out = output_of(model, inputs)
+    torch.testing.assert_close(out, base_out, atol=row.atol, rtol=0)
+
+
+@rows
+def test_merge_equals_unmerged_and_unmerge_restores(row):
+    model, inputs, _, base_state = setup_row(row)
+    perturb(model)
+    with torch.no_grad():
+        unmerged = output_of(model, inputs)
+        if not row.mergeable:
+            with pytest.raises(peftkit.MergeError):
+                peftkit.merge(model)
+            return
+        peftkit.merge(model)
+        merged = output_of(model, inputs)
+        peftkit.unmerge(model)
+        again = output_of(model, inputs)
+    torch.testing.assert_close(merged, unmerged, atol=row.atol, rtol=0)
+    torch.testing.assert_close(again, unmerged, atol=row.atol, rtol=0)
+    if row.trains_base:
+        return
+    peftkit.unload(model)  # unmerged unload puts the original base weights back
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, base_state[k], atol=row.atol, rtol=0)
+
+
+@rows
+def test_merge_then_unload_is_a_plain_model_with_same_outputs(row):
+    if not row.mergeable:
+        pytest.skip("not mergeable")
+    model, inputs, _, base_state = setup_row(row)
+    perturb(model)
+    with torch.no_grad():
+        adapted = output_of(model, inputs)
+        plain = peftkit.unload(peftkit.merge(model))
+        out = output_of(plain, inputs)
+    assert not any(isinstance(m, peftkit.AdapterLayer) for m in plain.modules())
+    assert set(plain.state_dict()) == set(base_state)
+    assert not hasattr(plain, "peftkit_state")
+    torch.testing.assert_close(out, adapted, atol=row.atol, rtol=0)
+
+
+@rows
+def test_save_load_round_trip(row, tmp_path):
+    model, inputs, _, _ = setup_row(row)
+    perturb(model)
+    with torch.no_grad():
+        expected = output_of(model, inputs)
+    peftkit.save(model, tmp_path)
+    fresh = peftkit.load(MODELS[row.model](0), tmp_path)
+    with torch.no_grad():
+        out = output_of(fresh, inputs)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@rows
+def test_only_adapter_parameters_train(row):
+    model, inputs, _, _ = setup_row(row)
+    perturb(model)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "the method made nothing trainable"
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    output_of(model, inputs).float().pow(2).mean().backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n not in trainable:
+            assert p.grad is None, f"frozen {n} received a gradient"
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in trainable)
+
+
+@rows
+def test_trainable_count_matches_formula(row):
+    model = MODELS[row.model](0)
+    cfg = row.config()
+    expected = row.count(model, cfg)
+    peftkit.apply(model, cfg)
+    assert peftkit.trainable_parameters(model).trainable == expected
+
+
+@rows
+def test_disabled_equals_base(row):
+    model, inputs, base_out, _ = setup_row(row)
+    perturb(model)
+    if not row.can_disable:
+        with pytest.raises(peftkit.ConfigError):
+            with peftkit.disabled(model):
+                pass
+        return
+    with torch.no_grad(), peftkit.disabled(model):
+        out = output_of(model, inputs)
+    torch.testing.assert_close(out, base_out, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        again = output_of(model, inputs)
+    assert again.shape != base_out.shape or not torch.allclose(again, base_out), "re-enabling failed"
+
+
+@rows
+def test_bf16_runs(row):
+    if not row.bf16:
+        pytest.skip("bf16 not supported")
+    model, inputs, base_out, _ = setup_row(row)
+    perturb(model)
+    model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    out = output_of(model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().pow(2).mean().backward()
+
+
+@rows
+def test_applying_twice_raises_unless_replace(row):
+    model, _, _, _ = setup_row(row)
+    with pytest.raises(peftkit.ConfigError, match="already has a peftkit adapter"):
+        peftkit.apply(model, row.config())
+    peftkit.apply(model, row.config(), replace=True)
+    assert get_state(model).config.method == row.config().method
