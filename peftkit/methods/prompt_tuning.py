@@ -114,7 +114,7 @@ class PromptEmbedding(AdapterLayer):
         if args:  # input_ids given positionally
             kwargs, args = {"input_ids": args[0], **kwargs}, args[1:]
         n = self.prompt.shape[0]
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate passes `cache`
         first_step = past is None or _cache_length(past) == 0
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
