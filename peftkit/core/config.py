@@ -26,6 +26,12 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     """Registry name of the method; set by each subclass."""
 
+    paper: ClassVar[str] = ""
+    """Citation (authors, year, arXiv id) shown in the method table."""
+
+    trainable: ClassVar[str] = ""
+    """Closed-form trainable-parameter count, shown in the method table."""
+
     targets: str | list[str] | None = None
     """Modules to adapt: names or dotted suffixes ("q_proj", "attn.c_attn"), regexes written
     "re:<pattern>" (matched against the full module name), or "all-linear" (every linear layer
@@ -90,4 +96,5 @@ def field_docs(cls: type) -> dict[str, str]:
             is_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and is_doc:
                 docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+    names = [f.name for f in dataclasses.fields(cls)]
+    return {name: docs.get(name, "") for name in names}

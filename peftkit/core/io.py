@@ -77,6 +77,12 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) 
         get_module(model, name).after_load()
 
 
+def base_model_name(model: nn.Module) -> str | None:
+    """The name or path the model was loaded from (transformers' `config._name_or_path`), if known."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
 def _few(names: list[str]) -> str:
     return "none" if not names else ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
@@ -110,7 +116,8 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
         raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
     state = get_state(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    meta = {"peftkit_version": _version(), "config": state.config.to_dict(), "base_fingerprint": state.fingerprint}
+    meta = {"peftkit_version": _version(), "base_model": base_model_name(model), "config": state.config.to_dict(),
+            "base_fingerprint": state.fingerprint}
     _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory

@@ -19,6 +19,7 @@ Trainable per layer: r (d_in + d_out) + d_out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,8 @@ class DoRAConfig(LoRAConfig):
     """DoRA: LoRA direction plus a trainable per-row magnitude."""
 
     method = "dora"
+    paper: ClassVar[str] = "Liu et al. 2024, arXiv:2402.09353"
+    trainable: ClassVar[str] = "r (d_in + d_out) + d_out per layer"
 
     def validate(self) -> None:
         super().validate()

@@ -13,6 +13,7 @@ scaling and (1, d_in) for input scaling, so files map one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,8 @@ class IA3Config(AdapterConfig):
     """(IA)^3: learned rescaling vectors on keys, values and feed-forward inputs."""
 
     method = "ia3"
+    paper: ClassVar[str] = "Liu et al. 2022, arXiv:2205.05638"
+    trainable: ClassVar[str] = "d_out per scaled output, d_in per scaled input"
 
     targets: str | list[str] | None = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Modules to rescale (keys, values and feed-forward projections by default)."""

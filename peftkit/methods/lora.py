@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -42,6 +43,8 @@ class LoRAConfig(AdapterConfig):
     """Low-rank adaptation of linear, embedding and conv layers."""
 
     method = "lora"
+    paper: ClassVar[str] = "Hu et al. 2021, arXiv:2106.09685 (rsLoRA 2312.03732, PiSSA 2404.02948, OLoRA 2406.01775)"
+    trainable: ClassVar[str] = "r (d_in + d_out) per layer"
 
     targets: str | list[str] | None = "all-linear"
     """Modules to adapt (see AdapterConfig.targets); every linear layer but the head by default."""

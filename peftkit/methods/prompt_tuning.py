@@ -17,6 +17,7 @@ sampled-vocabulary init of the paper, which trains far better than N(0, 1) at sm
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,8 @@ class PromptTuningConfig(AdapterConfig):
     """Soft prompt tokens prepended to the input embeddings."""
 
     method = "prompt-tuning"
+    paper: ClassVar[str] = "Lester et al. 2021, arXiv:2104.08691"
+    trainable: ClassVar[str] = "n d (n soft tokens of width d)"
 
     targets: str | list[str] | None = "input-embeddings"
     """The input embedding module (found through get_input_embeddings())."""

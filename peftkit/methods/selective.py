@@ -23,6 +23,8 @@ class FullFineTuneConfig(AdapterConfig):
     """Train every parameter of the model (baseline)."""
 
     method = "full"
+    paper: ClassVar[str] = "baseline"
+    trainable: ClassVar[str] = "all parameters"
     keep_original: ClassVar[bool] = False  # a second copy of the whole model is too much to keep
 
 
@@ -31,6 +33,8 @@ class HeadOnlyConfig(AdapterConfig):
     """Train only the output head (`lm_head`, `classifier`, `score` ...); the body stays frozen."""
 
     method = "head-only"
+    paper: ClassVar[str] = "baseline (linear probe)"
+    trainable: ClassVar[str] = "the output head's parameters"
 
 
 @register_selection(FullFineTuneConfig)
