@@ -147,7 +147,7 @@ def _cache_length(past) -> int:
 
 def _pad(kwargs: dict, key: str, n: int, value: int, batch: int) -> None:
     tensor = kwargs.get(key)
-    if tensor is not None:
+    if tensor is not None and tensor.dim() == 2:  # per-token tensors only (class labels are 1-D)
         pad = torch.full((batch, n), value, dtype=tensor.dtype, device=tensor.device)
         kwargs[key] = torch.cat([pad, tensor], dim=1)
 
