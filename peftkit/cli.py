@@ -1,7 +1,7 @@
 """Command line: `peftkit demo | train | methods | merge | export`.
 
     peftkit demo [--task text|lm] [--methods lora,dora] [--quick]
-    peftkit train config.yaml [--key value ...]      (`peftkit train --help` documents every field)
+    peftkit train config.yaml [--key value ...] [--resume]   (`--help` documents every field)
     peftkit methods [--model PATH]
     peftkit merge --base PATH --adapter DIR --out DIR
     peftkit export --adapter DIR --format peft --out DIR [--base PATH]
@@ -29,8 +29,9 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.help or args.config is None:
         print(config_help())
         return 0
-    cfg = load_run_config(args.config, extra)
-    run(cfg)
+    resume = "--resume" in extra
+    cfg = load_run_config(args.config, [e for e in extra if e != "--resume"])
+    run(cfg, resume=resume)
     return 0
 
 
