@@ -91,6 +91,9 @@ class DataConfig:
     test_size: int | None = None
     """Test on this many examples; None uses all."""
 
+    test_before_training: bool = False
+    """Also evaluate the test split before the adapter is applied (held-out loss before and after)."""
+
 
 @dataclass
 class RunConfig:
@@ -210,15 +213,22 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict:
     data = build_datasets(cfg, tokenizer)
     if cfg.model.task == "classification" and data["train"].num_labels != (cfg.model.num_labels or 2):
         model, tokenizer = load_model(cfg.model.name, cfg.model.task, num_labels=data["train"].num_labels)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    testing = data["test"] is not None and int(os.environ.get("RANK", "0")) == 0
+    before = _test(model, data["test"], collate_fn, cfg, "before") if testing and cfg.data.test_before_training else None
     apply(model, adapter_config(cfg, model))
     print_summary(model, max_rows=12)
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     metrics = train(model, data["train"], data["eval"], cfg.train, collate_fn, resume=resume)
-    if data["test"] is not None and int(os.environ.get("RANK", "0")) == 0:
-        device = next(p for p in model.parameters() if p.requires_grad).device
-        test = evaluate(model, data["test"], collate_fn, cfg.train, Dist(0, 1, device, False))
-        metrics["test"] = test
+    if testing:
+        metrics["test"] = _test(model, data["test"], collate_fn, cfg, "after")
+        metrics["test_before"] = before or {}
         out = Path(cfg.train.output_dir)
-        (out / "test_metrics.json").write_text(json.dumps(test, indent=1))
-        print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _test(model, data, collate_fn, cfg: RunConfig, when: str) -> dict[str, float]:
+    device = next(model.parameters()).device
+    figures = evaluate(model, data, collate_fn, cfg.train, Dist(0, 1, device, False))
+    print(f"test ({when} training): " + ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+    return figures
