@@ -96,7 +96,8 @@ def test_lora_loss_decreases_and_outputs_are_written(tmp_path):
 
 
 def test_bf16_autocast_runs_on_cpu_when_asked(tmp_path):
-    metrics = train(lora_classifier(), toy_data(32), toy_data(16), toy_config(tmp_path, bf16=True, max_steps=3), stack)
+    cfg = toy_config(tmp_path, bf16=True, max_steps=3)
+    metrics = train(lora_classifier(), toy_data(32), toy_data(16), cfg, stack)
     assert metrics["status"] == "completed" and all(math.isfinite(loss) for _, loss in _losses(metrics))
     assert metrics["eval"][-1]["step"] == 3
 
@@ -204,7 +205,8 @@ def test_only_trainable_gradients_are_all_reduced(tmp_path, monkeypatch):
     before = [p.grad.clone() for p in trainable]
     sent = []
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: sent.append(t.numel()) or t.mul_(2))
-    assert all_reduce_gradients(trainable, world_size=2) == sum(sent) == peftkit.trainable_parameters(model).trainable
+    count = peftkit.trainable_parameters(model).trainable
+    assert all_reduce_gradients(trainable, world_size=2) == sum(sent) == count
     for p, g in zip(trainable, before, strict=True):
         torch.testing.assert_close(p.grad, g)  # (g + g) / 2
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)

@@ -129,17 +129,19 @@ class TrainConfig:
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or None, got {self.max_steps}"),
+            (self.max_steps is None or self.max_steps >= 1,
+             f"max_steps must be >= 1 or None, got {self.max_steps}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.batch_size >= 1 and self.grad_accum >= 1,
              f"batch_size and grad_accum must be >= 1, got {self.batch_size} and {self.grad_accum}"),
-            (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1,
-             f"warmup_steps must be >= 0 and warmup_ratio in [0, 1), got {self.warmup_steps}, {self.warmup_ratio}"),
+            (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1, "warmup_steps must be >= 0 and "
+             f"warmup_ratio in [0, 1), got {self.warmup_steps} and {self.warmup_ratio}"),
             (not (self.warmup_steps and self.warmup_ratio), "set warmup_steps or warmup_ratio, not both"),
             (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
             (min(self.eval_every, self.save_every, self.log_every, self.num_workers) >= 0,
              "eval_every, save_every, log_every and num_workers must be >= 0"),
-            (self.eval_batches is None or self.eval_batches >= 1, f"eval_batches must be >= 1 or None, got {self.eval_batches}"),
+            (self.eval_batches is None or self.eval_batches >= 1,
+             f"eval_batches must be >= 1 or None, got {self.eval_batches}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.bf16 in ("auto", True, False), f"bf16 must be 'auto', true or false, got {self.bf16!r}"),
         ]
@@ -211,7 +213,8 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world_size: int) -> int
     return sent
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
     """This rank's micro-batches (lists of example indices) of `epoch`; a function of (seed, epoch).
 
     Like DistributedSampler: one permutation shared by all ranks, wrapped around to a multiple of the
@@ -385,7 +388,8 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
             history["train_loss"].append({"step": step, "loss": loss_value, "lr": lr})
             _report(bar, cfg, run, step, total, loss_value, lr, (step - start) / (time.perf_counter() - started))
             if eval_data is not None and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
-                history["eval"].append({"step": step, **evaluate(model, eval_data, collate_fn, cfg, run, metric_fn)})
+                figures = evaluate(model, eval_data, collate_fn, cfg, run, metric_fn)
+                history["eval"].append({"step": step, **figures})
                 _report_eval(cfg, run, history["eval"][-1])
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
                 _checkpoint(out, step, model, optimizer, scheduler, cfg, run, history, len(train_data))
@@ -428,7 +432,8 @@ def _mean_over_ranks(value: torch.Tensor, run: Dist) -> float:
     return value.item()
 
 
-def _report(bar, cfg: TrainConfig, run: Dist, step: int, total: int, loss: float, lr: float, steps_per_s: float) -> None:
+def _report(bar, cfg: TrainConfig, run: Dist, step: int, total: int, loss: float, lr: float,
+            steps_per_s: float) -> None:
     """Progress bar (loss, lr, samples/s; tqdm adds steps/s and ETA) and a log line every log_every steps."""
     samples_s = steps_per_s * cfg.batch_size * cfg.grad_accum * run.world
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_s:.1f}", refresh=False)
@@ -439,7 +444,8 @@ def _report(bar, cfg: TrainConfig, run: Dist, step: int, total: int, loss: float
 
 def _report_eval(cfg: TrainConfig, run: Dist, figures: dict) -> None:
     if run.rank == 0 and cfg.log_every:
-        tqdm.write(f"step {figures['step']}: " + "  ".join(f"eval {k} {v:.4f}" for k, v in figures.items() if k != "step"))
+        shown = "  ".join(f"eval {k} {v:.4f}" for k, v in figures.items() if k != "step")
+        tqdm.write(f"step {figures['step']}: {shown}")
 
 
 def _data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
@@ -493,16 +499,18 @@ def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
 def _finish(model, cfg: TrainConfig, run: Dist, history: dict, status: str, started: float, start: int) -> dict:
     """Final figures; rank 0 writes metrics.json and loss.png."""
     elapsed = time.perf_counter() - started
-    steps = len(history["train_loss"]) and history["train_loss"][-1]["step"]
+    train_loss, evals = history["train_loss"], history["eval"]
+    steps = train_loss[-1]["step"] if train_loss else 0
+    steps_per_s = (steps - start) / elapsed if elapsed else None  # the steps this process ran
     count = trainable_parameters(model)
-    final = {"train_loss": history["train_loss"][-1]["loss"] if history["train_loss"] else None,
-             **{f"eval_{k}": v for k, v in (history["eval"][-1] if history["eval"] else {}).items() if k != "step"},
-             "time_s": elapsed, "steps_per_s": (steps - start) / elapsed if elapsed else None,
-             "samples_per_s": (steps - start) * cfg.batch_size * cfg.grad_accum * run.world / elapsed if elapsed else None,
-             **peak_memory_mb(run.device), "trainable_params": count.trainable, "total_params": count.total,
-             "trainable_share": count.share}
+    final = {"train_loss": train_loss[-1]["loss"] if train_loss else None}
+    final |= {f"eval_{k}": v for k, v in (evals[-1] if evals else {}).items() if k != "step"}
+    final |= {"time_s": elapsed, "steps_per_s": steps_per_s,
+              "samples_per_s": steps_per_s and steps_per_s * cfg.batch_size * cfg.grad_accum * run.world,
+              **peak_memory_mb(run.device), "trainable_params": count.trainable, "total_params": count.total,
+              "trainable_share": count.share}
     metrics = {"status": status, "steps": steps, "world_size": run.world, "final": final,
-               "train_loss": history["train_loss"], "eval": history["eval"], "config": dataclasses.asdict(cfg)}
+               "train_loss": train_loss, "eval": evals, "config": dataclasses.asdict(cfg)}
     if run.rank == 0:
         out = Path(cfg.output_dir)
         tmp = out / "metrics.json.tmp"
