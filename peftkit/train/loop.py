@@ -34,7 +34,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -50,110 +49,10 @@ from ..core.config import ConfigError
 from ..core.io import save
 from ..core.params import trainable_parameters
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig  # noqa: F401  (re-exported: the loop's settings)
+from .distributed import Dist, all_reduce_gradients, epoch_batches, setup_distributed  # noqa: F401
+from .evaluation import accuracy, autocast_for, evaluate, loss_of, to_device  # noqa: F401
 from .plots import plot_loss
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run; every field is documented for `peftkit train --help`."""
-
-    output_dir: str = "out"
-    """Directory for checkpoints, metrics.json, loss.png and the final adapter."""
-
-    lr: float = 1e-3
-    """Peak learning rate, reached after warm-up and then decayed linearly to 0."""
-
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay on the trainable parameters."""
-
-    max_steps: int | None = None
-    """Optimizer steps to run; when set it wins over `epochs`."""
-
-    epochs: float = 1.0
-    """Passes over the training data (fractions allowed), used when `max_steps` is not set."""
-
-    batch_size: int = 8
-    """Examples per micro-batch on each rank."""
-
-    grad_accum: int = 1
-    """Micro-batches whose gradients are accumulated into one optimizer step."""
-
-    warmup_steps: int = 0
-    """Steps of linear learning-rate warm-up."""
-
-    warmup_ratio: float = 0.0
-    """Warm-up as a share of all steps, instead of `warmup_steps`."""
-
-    max_grad_norm: float = 1.0
-    """Clip the global L2 norm of the trainable gradients to this; 0 turns clipping off."""
-
-    eval_every: int = 0
-    """Evaluate every N steps (and always after the last step); 0 evaluates only at the end."""
-
-    eval_batches: int | None = None
-    """Cap on the number of evaluation batches (all ranks together); None evaluates everything."""
-
-    eval_batch_size: int | None = None
-    """Examples per evaluation batch; None uses `batch_size`."""
-
-    save_every: int = 0
-    """Write a resumable checkpoint every N steps (and after the last step); 0 writes none."""
-
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints stay on disk."""
-
-    seed: int = 0
-    """Seed of the torch RNG (dropout) and of the data order; the same on every rank."""
-
-    bf16: str | bool = "auto"
-    """bf16 autocast: "auto" (on where the GPU supports bf16, never on CPU), true or false."""
-
-    log_every: int = 50
-    """Print a log line every N steps, 0 never; metrics.json records every step's loss anyway."""
-
-    progress: bool = True
-    """Show a progress bar (loss, samples/s, ETA) on rank 0."""
-
-    num_workers: int = 0
-    """DataLoader worker processes."""
-
-    save_adapter: bool = True
-    """Save the final adapter with `peftkit.save` to `output_dir/adapter`."""
-
-    device: str = "auto"
-    """Torch device; "auto" picks cuda:LOCAL_RANK when a GPU is present, else cpu."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bf16, str) and self.bf16.lower() in ("true", "false"):
-            self.bf16 = self.bf16.lower() == "true"
-        checks = [
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.max_steps is None or self.max_steps >= 1,
-             f"max_steps must be >= 1 or None, got {self.max_steps}"),
-            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
-            (self.batch_size >= 1 and self.grad_accum >= 1,
-             f"batch_size and grad_accum must be >= 1, got {self.batch_size} and {self.grad_accum}"),
-            (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1, "warmup_steps must be >= 0 and "
-             f"warmup_ratio in [0, 1), got {self.warmup_steps} and {self.warmup_ratio}"),
-            (not (self.warmup_steps and self.warmup_ratio), "set warmup_steps or warmup_ratio, not both"),
-            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
-            (min(self.eval_every, self.save_every, self.log_every, self.num_workers) >= 0,
-             "eval_every, save_every, log_every and num_workers must be >= 0"),
-            (self.eval_batches is None or self.eval_batches >= 1,
-             f"eval_batches must be >= 1 or None, got {self.eval_batches}"),
-            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
-            (self.bf16 in ("auto", True, False), f"bf16 must be 'auto', true or false, got {self.bf16!r}"),
-        ]
-        errors = [message for ok, message in checks if not ok]
-        if errors:
-            raise ConfigError("invalid TrainConfig: " + "; ".join(errors))
-
-    def total_steps(self, batches_per_epoch: int) -> int:
-        """Optimizer steps of the whole run."""
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,65 +64,6 @@ class NonFiniteLossError(RuntimeError):
                  "train again with resume=True." if checkpoint else "No checkpoint was written before it.")
         super().__init__(f"loss is {loss} at step {step}; training stopped before that step's optimizer update, "
                          f"so the model holds the weights of step {step - 1}. {where}")
-
-
-@dataclass
-class Dist:
-    """Where this process sits in the run."""
-
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    if owns:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), dev, owns)
-    return Dist(0, 1, dev, False)
-
-
-def all_reduce_gradients(params: Sequence[nn.Parameter], world_size: int) -> int:
-    """Average the gradients of `params` over ranks, one message per dtype; returns the values sent.
-
-    The loop passes only the trainable (adapter) parameters: frozen base weights are never
-    communicated. A parameter without a gradient on this rank contributes zeros.
-    """
-    if world_size == 1:
-        return 0
-    sent = 0
-    for dtype in sorted({p.dtype for p in params}, key=str):
-        group = [p for p in params if p.dtype == dtype]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
-        dist.all_reduce(flat)  # one flat buffer instead of one call per tensor
-        flat /= world_size
-        for p, grad in zip(group, flat.split([p.numel() for p in group]), strict=True):
-            p.grad = grad.view_as(p)
-        sent += flat.numel()
-    return sent
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world: int = 1) -> list[list[int]]:
-    """This rank's micro-batches (lists of example indices) of `epoch`; a function of (seed, epoch).
-
-    Like DistributedSampler: one permutation shared by all ranks, wrapped around to a multiple of the
-    world size, and rank r takes every world-th index, so shards are disjoint and equally long.
-    """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    order += order[: (-n) % world]
-    mine = order[rank::world]
-    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
 def micro_batches(data, collate_fn: Callable, cfg: TrainConfig, start: int, run: Dist) -> Iterator[dict]:
@@ -244,71 +84,6 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def accuracy(output, batch: dict) -> dict[str, tuple[float, float]]:
-    """Default metric: {"accuracy": (correct, count)} for (batch, classes) logits and class-id labels.
-
-    A metric function returns {name: (numerator, denominator)}; the loop sums both over batches and
-    ranks and reports numerator / denominator. It returns {} when the task is not classification.
-    """
-    logits, labels = _field(output, "logits"), batch.get("labels")
-    if logits is None or labels is None or logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        return {}
-    if labels.is_floating_point():
-        return {}
-    return {"accuracy": (float((logits.argmax(-1) == labels).sum()), float(labels.numel()))}
-
-
-def _field(output, name: str):
-    return output.get(name) if isinstance(output, dict) else getattr(output, name, None)
-
-
-def loss_of(output) -> torch.Tensor:
-    """The scalar loss of a model output (an object with .loss, or a dict with "loss")."""
-    loss = _field(output, "loss")
-    if loss is None:
-        raise TypeError(
-            f"the model returned {type(output).__name__} without a loss: put the targets in the batch "
-            "(labels=...) or wrap the model so that it returns an object with .loss"
-        )
-    return loss
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Move a batch's tensors to `device`."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, collate_fn: Callable, cfg: TrainConfig, run: Dist,
-             metric_fn: Callable = accuracy) -> dict[str, float]:
-    """Example-weighted eval loss and the metric function's figures over (at most eval_batches of) `data`."""
-    size = cfg.eval_batch_size or cfg.batch_size
-    batches = [list(range(i, min(i + size, len(data)))) for i in range(0, len(data), size)][: cfg.eval_batches]
-    sharded = len(batches) >= run.world  # fewer batches than ranks: every rank evaluates all of them
-    was_training = model.training
-    model.eval()
-    sums: dict[str, list[float]] = {}
-    for idx in batches[run.rank :: run.world] if sharded else batches:
-        batch = to_device(collate_fn([data[i] for i in idx]), run.device)
-        with _autocast(cfg, run.device):
-            output = model(**batch)
-        figures = {"loss": (float(loss_of(output)) * len(idx), float(len(idx))), **metric_fn(output, batch)}
-        for name, (num, den) in figures.items():
-            total = sums.setdefault(name, [0.0, 0.0])
-            total[0], total[1] = total[0] + num, total[1] + den
-    model.train(was_training)
-    names = sorted(sums)
-    values = torch.tensor([sums[k] for k in names], dtype=torch.float64, device=run.device).reshape(-1, 2)
-    if sharded and run.world > 1:
-        dist.all_reduce(values)
-    return {k: (num / den if den else float("nan")) for k, (num, den) in zip(names, values.tolist(), strict=True)}
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    on = cfg.bf16 is True or (cfg.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def _build_optimizer(model: nn.Module, params: list[nn.Parameter], optimizer, cfg: TrainConfig):
@@ -366,7 +141,7 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
             step_loss = torch.zeros((), device=run.device)
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(data), run.device)
-                with _autocast(cfg, run.device):
+                with autocast_for(cfg, run.device):
                     loss = loss_of(model(**batch)) + sum(term(model) for term in extra_losses)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float() / cfg.grad_accum

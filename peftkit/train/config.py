@@ -1,0 +1,111 @@
+"""`TrainConfig`: the settings of one training run, each documented for `peftkit train --help`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..core.config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run; every field is documented for `peftkit train --help`."""
+
+    output_dir: str = "out"
+    """Directory for checkpoints, metrics.json, loss.png and the final adapter."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached after warm-up and then decayed linearly to 0."""
+
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay on the trainable parameters."""
+
+    max_steps: int | None = None
+    """Optimizer steps to run; when set it wins over `epochs`."""
+
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed), used when `max_steps` is not set."""
+
+    batch_size: int = 8
+    """Examples per micro-batch on each rank."""
+
+    grad_accum: int = 1
+    """Micro-batches whose gradients are accumulated into one optimizer step."""
+
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up."""
+
+    warmup_ratio: float = 0.0
+    """Warm-up as a share of all steps, instead of `warmup_steps`."""
+
+    max_grad_norm: float = 1.0
+    """Clip the global L2 norm of the trainable gradients to this; 0 turns clipping off."""
+
+    eval_every: int = 0
+    """Evaluate every N steps (and always after the last step); 0 evaluates only at the end."""
+
+    eval_batches: int | None = None
+    """Cap on the number of evaluation batches (all ranks together); None evaluates everything."""
+
+    eval_batch_size: int | None = None
+    """Examples per evaluation batch; None uses `batch_size`."""
+
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (and after the last step); 0 writes none."""
+
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints stay on disk."""
+
+    seed: int = 0
+    """Seed of the torch RNG (dropout) and of the data order; the same on every rank."""
+
+    bf16: str | bool = "auto"
+    """bf16 autocast: "auto" (on where the GPU supports bf16, never on CPU), true or false."""
+
+    log_every: int = 50
+    """Print a log line every N steps, 0 never; metrics.json records every step's loss anyway."""
+
+    progress: bool = True
+    """Show a progress bar (loss, samples/s, ETA) on rank 0."""
+
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    save_adapter: bool = True
+    """Save the final adapter with `peftkit.save` to `output_dir/adapter`."""
+
+    device: str = "auto"
+    """Torch device; "auto" picks cuda:LOCAL_RANK when a GPU is present, else cpu."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bf16, str) and self.bf16.lower() in ("true", "false"):
+            self.bf16 = self.bf16.lower() == "true"
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.max_steps is None or self.max_steps >= 1,
+             f"max_steps must be >= 1 or None, got {self.max_steps}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.batch_size >= 1 and self.grad_accum >= 1,
+             f"batch_size and grad_accum must be >= 1, got {self.batch_size} and {self.grad_accum}"),
+            (self.warmup_steps >= 0 and 0 <= self.warmup_ratio < 1, "warmup_steps must be >= 0 and "
+             f"warmup_ratio in [0, 1), got {self.warmup_steps} and {self.warmup_ratio}"),
+            (not (self.warmup_steps and self.warmup_ratio), "set warmup_steps or warmup_ratio, not both"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
+            (min(self.eval_every, self.save_every, self.log_every, self.num_workers) >= 0,
+             "eval_every, save_every, log_every and num_workers must be >= 0"),
+            (self.eval_batches is None or self.eval_batches >= 1,
+             f"eval_batches must be >= 1 or None, got {self.eval_batches}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.bf16 in ("auto", True, False), f"bf16 must be 'auto', true or false, got {self.bf16!r}"),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ConfigError("invalid TrainConfig: " + "; ".join(errors))
+
+    def total_steps(self, batches_per_epoch: int) -> int:
+        """Optimizer steps of the whole run."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))

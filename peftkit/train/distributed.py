@@ -1,0 +1,75 @@
+"""Distributed pieces of the loop: where this process sits, and the one collective it needs.
+
+peftkit does not wrap the model in DDP (the model stays the user's): the loop all-reduces the
+trainable (adapter) gradients itself, so frozen base weights are never communicated, and shards the
+data with a deterministic (seed, epoch) order like DistributedSampler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class Dist:
+    """Where this process sits in the run."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if owns:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), dev, owns)
+    return Dist(0, 1, dev, False)
+
+
+def all_reduce_gradients(params: Sequence[nn.Parameter], world_size: int) -> int:
+    """Average the gradients of `params` over ranks, one message per dtype; returns the values sent.
+
+    The loop passes only the trainable (adapter) parameters: frozen base weights are never
+    communicated. A parameter without a gradient on this rank contributes zeros.
+    """
+    if world_size == 1:
+        return 0
+    sent = 0
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        group = [p for p in params if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        dist.all_reduce(flat)  # one flat buffer instead of one call per tensor
+        flat /= world_size
+        for p, grad in zip(group, flat.split([p.numel() for p in group]), strict=True):
+            p.grad = grad.view_as(p)
+        sent += flat.numel()
+    return sent
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) of `epoch`; a function of (seed, epoch).
+
+    Like DistributedSampler: one permutation shared by all ranks, wrapped around to a multiple of the
+    world size, and rank r takes every world-th index, so shards are disjoint and equally long.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    order += order[: (-n) % world]
+    mine = order[rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
