@@ -84,20 +84,20 @@ def _load_base(name_or_path: str, task: str | None = None):
     return load_model(name_or_path, task)[0]
 
 
-def _base_for_adapter(adapter: Path, base: str | None):
+def _base_for_adapter(adapter: Path, base: str | None, task: str | None):
     if base is None:
         meta_path = adapter / "peftkit_adapter.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         base = meta.get("base_model")
         if not base:
             raise SystemExit(f"{adapter} does not record its base model; pass --base PATH")
-    return _load_base(base)
+    return _load_base(base, task)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
     import peftkit
 
-    model = _load_base(args.base, args.task)
+    model = _base_for_adapter(Path(args.adapter), args.base, args.task)
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     plain = peftkit.unload(peftkit.merge(model))
     plain.save_pretrained(args.out)
@@ -108,7 +108,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import peftkit
 
-    model = _base_for_adapter(Path(args.adapter), args.base)
+    model = _base_for_adapter(Path(args.adapter), args.base, args.task)
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     peftkit.save(model, args.out, format=args.format)
     print(f"{args.format} adapter written to {args.out}")
@@ -134,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--adapter", required=True)
         p.add_argument("--out", required=True)
-        p.add_argument("--base", required=name == "merge", help="base model: path, Hub name, minilm or smollm2")
+        p.add_argument("--base", help="base model: path, Hub name, minilm or smollm2 (default: the one the "
+                       "adapter records)")
         p.add_argument("--allow-different-base", action="store_true")
-        if name == "merge":
-            p.add_argument("--task", choices=["classification", "causal-lm"])
-        else:
+        p.add_argument("--task", choices=["classification", "causal-lm"], help="default: guessed from the base")
+        if name == "export":
             p.add_argument("--format", default="peft", choices=["peft", "peftkit"])
     return parser
 

@@ -90,3 +90,63 @@ def test_demo_quick_smoke(tmp_path):
     assert all(0.0 <= r["test_accuracy"] <= 1.0 and r["trainable_params"] > 0 for r in results["rows"])
     assert (tmp_path / "text" / "tradeoff.png").is_file() and "| lora |" in proc.stdout
     assert torch.__version__  # the demo ran in subprocesses; this process stayed light
+
+
+@pytest.fixture(scope="module")
+def tiny_local_model(tmp_path_factory):
+    """A tiny BERT classifier saved as a local transformers directory, with MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftkit.train.assets import minilm_path
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(root)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(root)
+    return root
+
+
+def test_killed_train_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_path):
+    """`peftkit train`, SIGKILL mid-run, `--resume`: the final adapter equals an uninterrupted run's."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    rows = ["text,label"] + [f"{'good fine great' if i % 2 else 'bad awful poor'} film {i},{i % 2}" for i in range(80)]
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+
+    def config(out: str) -> str:
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(
+            f"model: {{name: {tiny_local_model}, task: classification}}\n"
+            f"data: {{dataset: {tmp_path / 'data.csv'}, max_length: 16}}\n"
+            "method: lora\nadapter: {r: 2, alpha: 4, dropout: 0.1}\n"
+            f"train: {{lr: 1.0e-2, max_steps: 40, batch_size: 4, save_every: 2, output_dir: {tmp_path / out}, "
+            "progress: false, log_every: 0}\n")
+        return str(path)
+
+    assert _peftkit("train", config("straight")).returncode == 0
+    cmd = [sys.executable, "-m", "peftkit", "train", config("killed")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoint-last"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and json.loads((last / "trainer_state.json").read_text())["step"] >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    resumed = _peftkit("train", config("killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter.safetensors")
+    again = load_file(tmp_path / "killed" / "adapter" / "adapter.safetensors")
+    assert straight.keys() == again.keys()
+    for key in straight:
+        torch.testing.assert_close(again[key], straight[key], atol=1e-6, rtol=0)
+    losses = [json.loads((tmp_path / d / "metrics.json").read_text())["train_loss"] for d in ("straight", "killed")]
+    assert [r["loss"] for r in losses[0]][-10:] == pytest.approx([r["loss"] for r in losses[1]][-10:], abs=1e-6)

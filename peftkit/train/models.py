@@ -96,6 +96,8 @@ def load_model(name_or_path: str, task: str, num_labels: int = 2,
         model, tokenizer = _load_minilm(num_labels, dtype)
     else:
         model, tokenizer = _load_auto(name_or_path, task, num_labels, dtype)
+    if builtin_task is not None:
+        model.config._name_or_path = name_or_path  # saved adapters name the built-in, not a site-packages path
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only tokenizers often have no pad token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

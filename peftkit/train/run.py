@@ -209,6 +209,9 @@ def adapter_config(cfg: RunConfig, model) -> Any:
 
 def run(cfg: RunConfig, *, resume: bool = False) -> dict:
     """Load, adapt, train, test and save; returns metrics (also in output_dir/metrics.json)."""
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # a fresh head and the adapter's init are part of the run: reproducible
     model, tokenizer = load_model(cfg.model.name, cfg.model.task, num_labels=cfg.model.num_labels or 2)
     data = build_datasets(cfg, tokenizer)
     if cfg.model.task == "classification" and data["train"].num_labels != (cfg.model.num_labels or 2):
