@@ -138,6 +138,14 @@ class AdapterLayer(nn.Module):
         """The key of one of this layer's tensors in a Hugging Face peft adapter file."""
         return f"base_model.model.{module_name}.{self.peft_names[local]}"
 
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """This layer's tensors as Hugging Face peft stores them, by local name (keys of `peft_names`).
+
+        Override when peft's form differs from peftkit's (LoRA folds PiSSA's initial factors in).
+        """
+        own = dict(self.named_parameters()) | dict(self.named_buffers())
+        return {local: own[local].detach() for local in self.peft_names}
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (not the base's), by local name."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}

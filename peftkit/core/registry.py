@@ -79,3 +79,20 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     if "method" not in data:
         raise ConfigError(f"config has no 'method' key; registered methods: {', '.join(sorted(_METHODS))}")
     return get_method(data["method"]).config_cls.from_dict(data)
+
+
+def config_for_peft(data: dict[str, Any]) -> type[AdapterConfig]:
+    """The config class that reads a Hugging Face peft `adapter_config.json` dict.
+
+    A config class opts in with the class variables `peft_type` (peft's name, e.g. "LORA") and,
+    when several classes share one peft type, `peft_variant`: adapter_config.json values that select
+    it (DoRA: `{"use_dora": True}`). The class whose variant matches with the most keys wins.
+    """
+    peft_type = data.get("peft_type")
+    candidates = [m.config_cls for m in _METHODS.values() if getattr(m.config_cls, "peft_type", None) == peft_type]
+    fitting = [c for c in candidates if all(data.get(k) == v for k, v in getattr(c, "peft_variant", {}).items())]
+    if not fitting:
+        known = sorted({t for m in _METHODS.values() if (t := getattr(m.config_cls, "peft_type", None))})
+        raise ConfigError(f"peftkit cannot read Hugging Face peft adapters of peft_type {peft_type!r}; "
+                          f"supported peft types: {', '.join(known)}")
+    return max(fitting, key=lambda c: len(getattr(c, "peft_variant", {})))

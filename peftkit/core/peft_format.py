@@ -1,0 +1,275 @@
+"""Hugging Face peft's adapter layout, both directions; the only place that maps key names.
+
+peft (checked against 0.21.2) writes `adapter_config.json` (the fields of its config class) and
+`adapter_model.safetensors`, whose keys are a module path under peft's wrapper plus peft's own
+tensor name:
+
+* adapted modules: `base_model.model.<module>.<peft name>`, e.g. `...q_proj.lora_A.weight`,
+  `...embed_tokens.lora_embedding_A`, `...q_proj.lora_magnitude_vector` (DoRA), `...k_proj.ia3_l`;
+  each AdapterLayer states its names in `peft_names` and builds the key in `peft_key`;
+* prompt learning: `prompt_embeddings`, with no module path;
+* modules_to_save: the module's own parameter names under `base_model.model.` (`base_model.` for
+  prompt learning, where peft wraps the transformers model one level less deep);
+* for adapted embeddings peft also writes the base table (`...embed_tokens.base_layer.weight`):
+  peftkit checks on load that it equals the model's, and does not write it.
+
+A config class takes part by defining the class variable `peft_type` and the two methods
+`to_peft_config(model) -> dict` and `from_peft_config(data, model=None) -> config`; the helpers
+below (`target_modules`, `common_fields`, `check_fields` ...) are what those methods share.
+
+Reading is all-or-nothing: `read_peft` validates the JSON, the config fields and the safetensors
+file before the model is touched; `tensors_for(model)`, called after `apply(..., init=False)`,
+raises when keys or shapes do not fit, and `io.load` then undoes the `apply`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .apply import get_state
+from .config import AdapterConfig, ConfigError
+from .inject import get_module, matches
+from .io import AdapterFileError, _atomic_write, _few, adapter_state_dict, base_model_name, read_tensors
+from .layer import AdapterLayer
+from .params import parameters_of_modules
+from .registry import config_for_peft
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+PROMPT_LEARNING = {"PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "CARTRIDGE"}
+"""peft types whose `PeftModel.base_model` is the transformers model itself (key prefix `base_model.`)."""
+
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+"""Model class name suffix -> peft task type (only unambiguous ones)."""
+
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+"""Modules peft adds to modules_to_save by itself for a task type (and then never adapts)."""
+
+ANY_VALUE = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision",
+             "inference_mode", "task_type")
+"""Fields of every peft config that do not change the adapter's function."""
+
+
+# --- writing -----------------------------------------------------------------------------------
+def save_peft(model: nn.Module, directory: Path) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` as Hugging Face peft would."""
+    cfg = get_state(model).config
+    to_peft = getattr(cfg, "to_peft_config", None)
+    if getattr(type(cfg), "peft_type", None) is None or to_peft is None:
+        raise ConfigError(f"method {cfg.method!r} has no Hugging Face peft equivalent, so it cannot be saved with "
+                          "format='peft'; save it with format='peftkit' (the default)")
+    data = to_peft(model)
+    saved = parameters_of_modules(model, data.get("modules_to_save") or [])
+    tensors = {k: v.detach().contiguous().cpu() for k, v in peft_state_dict(model, data["peft_type"], saved).items()}
+    directory = Path(directory)
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(data, indent=2, sort_keys=True)))
+
+
+def peft_state_dict(model: nn.Module, peft_type: str, saved: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's key names; `saved`: parameters of peft's modules_to_save."""
+    state = get_state(model)
+    out = {}
+    for name in state.adapted:
+        layer: AdapterLayer = get_module(model, name)
+        for local, tensor in layer.peft_state().items():
+            out[layer.peft_key(name, local)] = tensor
+    params = dict(model.named_parameters())
+    prefix = saved_module_prefix(peft_type)
+    for name in sorted({*state.selected, *saved}):
+        out[prefix + name] = params[name]
+    return out
+
+
+def saved_module_prefix(peft_type: str) -> str:
+    """Key prefix of modules_to_save parameters in a peft file."""
+    return "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
+
+
+# --- helpers for the config classes' to_peft_config --------------------------------------------
+def common_fields(model: nn.Module, cfg: AdapterConfig, peft_type: str) -> dict[str, Any]:
+    """Fields every peft config has: type, task, base model, modules_to_save (exact module names)."""
+    task = task_type(model)
+    adapted = get_state(model).adapted
+    if any(_under(n, h) for h in TASK_HEADS.get(task, ()) for n in adapted):
+        task = None  # peft would turn the adapted head into a fully saved module and drop its adapter
+    # for classification tasks peft saves the head whether it trained or not, and refuses files without it
+    saved = saved_module_names(model, [*cfg.modules_to_save, *TASK_HEADS.get(task, ())])
+    clash = [n for n in adapted if any(_under(n, s) for s in saved)]
+    if clash:
+        raise ConfigError(f"peft cannot adapt modules inside modules_to_save ({_few(clash)}); "
+                          "remove them from targets or from modules_to_save")
+    return {"peft_type": peft_type, "task_type": task, "base_model_name_or_path": base_model_name(model),
+            "revision": None, "inference_mode": True, "modules_to_save": saved or None}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """peft's task type for a transformers model class (None when the class says nothing clear)."""
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def saved_module_names(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Exact names of the outermost modules matching modules_to_save patterns."""
+    names = [n for n, _ in model.named_modules() if n and any(matches(n, p) for p in patterns)]
+    return [n for n in names if not any(n.startswith(other + ".") for other in names)]
+
+
+def _under(name: str, module: str) -> bool:
+    """peft's test for "inside a modules_to_save module": `module` is a run of whole components of `name`."""
+    return re.match(rf"(^|.*\.){re.escape(module)}($|\..*)", name) is not None
+
+
+def target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """peft's target_modules that select exactly `names`: the names themselves, or a regex when a
+    name is also the dotted suffix of a module that must not be adapted."""
+    chosen = set(names)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen]
+    if any(o.endswith("." + n) for o in others for n in names):
+        return "|".join(re.escape(n) for n in sorted(names))
+    return sorted(names)
+
+
+def pattern_dict(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """peft's rank_pattern/alpha_pattern for per-module values: full names of the modules whose
+    value differs from `default`, longest first (peft takes the first key that matches as a suffix)."""
+    differing = {n: v for n, v in values.items() if v != default}
+    plain = dict(sorted(differing.items(), key=lambda kv: -len(kv[0])))
+    if all(_peft_pattern_value(plain, n, default) == v for n, v in values.items()):
+        return plain
+    return {re.escape(n): v for n, v in plain.items()}
+
+
+def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """The value peft's `get_pattern_key` picks for module `name`."""
+    key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", name)), None)
+    return default if key is None else patterns[key]
+
+
+# --- helpers for the config classes' from_peft_config ------------------------------------------
+def check_fields(data: dict[str, Any], cls: type, used: Iterable[str], inert: dict[str, Any]) -> None:
+    """Refuse fields peft's config does not have, and inert fields set to a value peftkit cannot honour.
+
+    Args:
+        used: fields the config class translates.
+        inert: fields peftkit reads as having no effect when left at their peft default (given here).
+    """
+    known = set(ANY_VALUE) | set(used) | set(inert)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"adapter_config.json has field(s) {unknown} that peftkit does not know for "
+                          f"{data.get('peft_type')}; known fields: {', '.join(sorted(known))}")
+    unsupported = [f"{k}={data[k]!r}" for k, default in inert.items() if k in data and data[k] not in (default, None)]
+    if unsupported:
+        raise ConfigError(f"{cls.__name__} cannot express peft's {', '.join(unsupported)}; "
+                          "only the peft defaults of these fields are supported")
+
+
+def peft_targets(value: list[str] | str | None) -> list[str]:
+    """peft's target/exclude modules (a list of suffixes, or one regex) in peftkit's target syntax."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return ["re:" + value]
+    return list(value)
+
+
+def peft_layers(data: dict[str, Any]) -> list[int] | None:
+    """peft's layers_to_transform as peftkit's `layers` (the first integer in a module's name)."""
+    value = data.get("layers_to_transform")
+    if value is None or value == []:
+        return None
+    return [value] if isinstance(value, int) else list(value)
+
+
+def peft_saved_modules(data: dict[str, Any]) -> list[str]:
+    """modules_to_save without the duplicates peft adds for classification tasks."""
+    return list(dict.fromkeys(data.get("modules_to_save") or []))
+
+
+# --- reading -----------------------------------------------------------------------------------
+def read_peft(directory: Path) -> tuple[AdapterConfig, Callable[[nn.Module], dict[str, torch.Tensor]]]:
+    """(config, tensors_for) of a directory that Hugging Face peft wrote, fully validated as files.
+
+    `tensors_for(model)` must be called after `apply(model, config, init=False)`; it returns the
+    adapter state dict in peftkit's key names and raises AdapterFileError when the file does not fit.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise AdapterFileError(f"{path} is not a peft adapter config (no 'peft_type')")
+    cfg = config_for_peft(data).from_peft_config(data)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
+        raise AdapterFileError(f"{directory} holds adapter_model.bin (pickle), which peftkit never loads; "
+                               "re-save it with peft's save_pretrained(..., safe_serialization=True)")
+    tensors = read_tensors(weights)
+    prefix = saved_module_prefix(data["peft_type"])
+    return cfg, lambda model: from_peft_keys(model, tensors, prefix)
+
+
+def from_peft_keys(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A peft state dict in peftkit's key names, for a model the adapter was just applied to."""
+    state = get_state(model)
+    expected = adapter_state_dict(model)
+    left = dict(tensors)
+    out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
+    for name in state.adapted:
+        layer: AdapterLayer = get_module(model, name)
+        for local in layer.peft_names:
+            if f"{name}.{local}" not in expected:
+                continue
+            key = layer.peft_key(name, local)
+            if key in left:
+                out[f"{name}.{local}"] = left.pop(key)
+            else:
+                missing.append(key)
+        _check_base_copies(layer, f"{prefix}{name}.base_layer.", left)
+        derived = [k for k in expected if k.startswith(name + ".") and k[len(name) + 1:] not in layer.peft_names]
+        if derived:
+            out.update(_derive(layer, name, derived))
+    for name in state.selected:
+        if prefix + name in left:
+            out[name] = left.pop(prefix + name)
+        else:
+            missing.append(prefix + name)
+    if missing or left:
+        raise AdapterFileError(f"the peft adapter does not fit this model: missing {_few(sorted(missing))}, "
+                               f"unexpected {_few(sorted(left))}; was it saved for another base model?")
+    return out
+
+
+def _check_base_copies(layer: AdapterLayer, prefix: str, left: dict[str, torch.Tensor]) -> None:
+    """peft saves adapted embeddings' base tables too; they must equal this model's (then they are dropped)."""
+    for pname, param in layer.base.named_parameters():
+        saved = left.pop(prefix + pname, None)
+        if saved is None:
+            continue
+        if saved.shape != param.shape or not torch.allclose(saved.to(param.dtype), param.detach(), atol=1e-6):
+            raise AdapterFileError(f"the peft adapter carries its own {prefix}{pname} (a changed or resized base "
+                                   "layer); peftkit adapters never change base weights, load it with peft")
+
+
+def _derive(layer: AdapterLayer, name: str, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors peft does not save but re-creates on load by running the method's initialisation
+    on the original base (PiSSA/OLoRA's initial factors): do the same, on a copy of the layer."""
+    twin = copy.deepcopy(layer)
+    twin.reset_parameters()
+    own = dict(twin.named_parameters()) | dict(twin.named_buffers())
+    return {k: own[k[len(name) + 1:]].detach() for k in keys}
