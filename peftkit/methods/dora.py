@@ -41,6 +41,9 @@ class DoRAConfig(LoRAConfig):
     def validate(self) -> None:
         super().validate()
 
+    # Hugging Face peft: a LoraConfig with use_dora=True (to/from_peft_config are LoRA's)
+    peft_variant: ClassVar[dict] = {"use_dora": True}
+
 
 class DoRALinear(LoRALinear):
     """DoRA on nn.Linear and GPT-2 Conv1D."""

@@ -12,15 +12,17 @@ scaling and (1, d_in) for input scaling, so files map one to one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..core import weights
+from ..core import peft_format, weights
+from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import matches
+from ..core.inject import get_module, matches
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -49,6 +51,39 @@ class IA3Config(AdapterConfig):
             self.feedforward = [self.feedforward]
         if self.targets is None:
             raise ConfigError("IA3Config needs targets (for example ['k_proj', 'v_proj', 'down_proj'])")
+
+    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
+    peft_type: ClassVar[str] = "IA3"
+
+    def to_peft_config(self, model: nn.Module) -> dict:
+        """peft's IA3Config fields for this adapter on `model`, with exact module names."""
+        names = get_state(model).adapted
+        layers = {n: get_module(model, n) for n in names}
+        feedforward = sorted(n for n, layer in layers.items() if layer.feedforward)
+        return {
+            **peft_format.common_fields(model, self, self.peft_type),
+            "target_modules": peft_format.target_modules(model, names),
+            # peft tests feedforward modules with a bare `endswith`: exact names, as a regex when that is ambiguous
+            "feedforward_modules": (feedforward if not any(n.endswith(f) and n not in feedforward
+                                                           for n in names for f in feedforward)
+                                    else "|".join(re.escape(n) for n in feedforward)),
+            "fan_in_fan_out": any(weights.layer_kind(layer.base) == "conv1d" for layer in layers.values()),
+            "init_ia3_weights": True, "exclude_modules": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> IA3Config:
+        """The config for a peft IA3Config dict (`model` is not needed: module names carry over as they are)."""
+        used = ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
+                "init_ia3_weights", "layers_to_transform", "layers_pattern")
+        peft_format.check_fields(data, cls, used, {})
+        ff = data.get("feedforward_modules") or []
+        # peft: a regex string is fullmatched, a list entry matches as a plain suffix (no dot boundary)
+        feedforward = ["re:" + ff] if isinstance(ff, str) else ["re:.*" + re.escape(f) for f in ff]
+        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
+                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
+                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+                   feedforward=feedforward)
 
 
 class IA3Linear(AdapterLayer):

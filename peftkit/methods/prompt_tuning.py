@@ -22,7 +22,10 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from ..core import peft_format
+from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
+from ..core.inject import get_module
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 
@@ -60,6 +63,48 @@ class PromptTuningConfig(AdapterConfig):
             raise ConfigError(f"unknown prompt init {self.init!r}; choose vocab, random or text")
         if self.init == "text" and not (self.init_text and self.tokenizer):
             raise ConfigError("init='text' needs init_text and tokenizer")
+
+    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+
+    def to_peft_config(self, model: nn.Module) -> dict:
+        """peft's PromptTuningConfig fields for this adapter on `model`.
+
+        peft needs the task type to pick the model class that prepends the prompt; the init is
+        written as SAMPLE_VOCAB or RANDOM (a TEXT init would make peft download the tokenizer at
+        load time only to overwrite the result with the saved prompt).
+        """
+        common = peft_format.common_fields(model, self, self.peft_type)
+        if common["task_type"] is None:
+            raise ConfigError(f"peft's prompt tuning needs a task type, and peftkit cannot tell it from "
+                              f"{type(model).__name__}; supported: model classes ending in "
+                              f"{', '.join(peft_format.TASK_TYPES)}")
+        config = getattr(model, "config", None)
+        (layer_name,) = get_state(model).adapted
+        return {
+            **common, "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
+            "token_dim": get_module(model, layer_name).prompt.shape[1],
+            "num_attention_heads": getattr(config, "num_attention_heads", None),
+            "num_layers": getattr(config, "num_hidden_layers", None),
+            "prompt_tuning_init": "SAMPLE_VOCAB" if self.init == "vocab" else "RANDOM",
+            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> PromptTuningConfig:
+        """The config for a peft PromptTuningConfig dict (decoder-only and encoder-only models)."""
+        used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "prompt_tuning_init",
+                "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "modules_to_save")
+        peft_format.check_fields(data, cls, used, {"num_transformer_submodules": 1})
+        if data.get("task_type") == "SEQ_2_SEQ_LM":
+            raise ConfigError("peftkit's prompt tuning prepends to one input sequence; peft's SEQ_2_SEQ_LM "
+                              "prompt tuning (encoder and decoder prompts) is not supported")
+        init = {"TEXT": "text", "SAMPLE_VOCAB": "vocab"}.get(data.get("prompt_tuning_init"), "random")
+        text, tokenizer = data.get("prompt_tuning_init_text") or "", data.get("tokenizer_name_or_path") or ""
+        if init == "text" and not (text and tokenizer):
+            init = "random"  # the weights come from the file; the init only matters for training from scratch
+        return cls(num_virtual_tokens=data.get("num_virtual_tokens"), init=init, init_text=text, tokenizer=tokenizer,
+                   modules_to_save=peft_format.peft_saved_modules(data))
 
 
 class PromptEmbedding(AdapterLayer):
