@@ -42,7 +42,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     if args.markdown:
         print(method_table())
         return 0
-    model = _load_base(args.model) if args.model else None
+    model = _load_base(args.model)[0] if args.model else None
     print(f"{'method':<15} {'config':<20} {'trainable on model' if model is not None else 'fields'}")
     for name, method in peftkit.registered_methods().items():
         detail = ", ".join(f for f in field_docs(method.config_cls) if f not in ("exclude", "layers"))
@@ -81,7 +81,7 @@ def _load_base(name_or_path: str, task: str | None = None):
     from .train.models import load_model
 
     task = task or ("classification" if name_or_path == "minilm" else "causal-lm")
-    return load_model(name_or_path, task)[0]
+    return load_model(name_or_path, task)
 
 
 def _base_for_adapter(adapter: Path, base: str | None, task: str | None):
@@ -97,10 +97,11 @@ def _base_for_adapter(adapter: Path, base: str | None, task: str | None):
 def _cmd_merge(args: argparse.Namespace) -> int:
     import peftkit
 
-    model = _base_for_adapter(Path(args.adapter), args.base, args.task)
+    model, tokenizer = _base_for_adapter(Path(args.adapter), args.base, args.task)
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     plain = peftkit.unload(peftkit.merge(model))
     plain.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)  # the merged directory loads on its own
     print(f"merged model written to {args.out}")
     return 0
 
@@ -108,7 +109,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import peftkit
 
-    model = _base_for_adapter(Path(args.adapter), args.base, args.task)
+    model, _ = _base_for_adapter(Path(args.adapter), args.base, args.task)
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     peftkit.save(model, args.out, format=args.format)
     print(f"{args.format} adapter written to {args.out}")

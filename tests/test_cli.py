@@ -56,7 +56,15 @@ def test_export_to_peft_and_merge(trained, tmp_path):
     proc = _peftkit("merge", "--base", "minilm", "--task", "classification", "--adapter", str(adapter),
                     "--out", str(tmp_path / "merged"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "merged" / "model.safetensors").is_file() or any((tmp_path / "merged").glob("*.safetensors"))
+    from peftkit.train.models import load_model
+
+    merged, _ = load_model(str(tmp_path / "merged"), "classification")
+    assert not peftkit.has_adapter(merged) and merged.classifier.weight.shape == (2, 384)
+    adapted, tokenizer = load_model("minilm", "classification")
+    peftkit.load(adapted, adapter)
+    batch = tokenizer(["a fine film", "an awful film"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(**batch).logits, adapted.eval()(**batch).logits, atol=1e-4, rtol=0)
 
 
 def test_overrides_and_help_errors(trained, capsys):

@@ -8,14 +8,19 @@ learns normally. `MeanPoolingClassifier` is that head.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import assets
 
 TASKS = ("classification", "causal-lm")
+HEAD_FILE = "classifier.safetensors"  # marks a saved MeanPoolingClassifier directory
 
 
 class MeanPoolingClassifier(nn.Module):
@@ -42,6 +47,22 @@ class MeanPoolingClassifier(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         """The encoder's token embedding (the module a soft prompt method wraps)."""
         return self.encoder.get_input_embeddings()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The encoder as a transformers directory plus `classifier.safetensors` (what `load_model` reads)."""
+        directory = Path(directory)
+        self.encoder.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.classifier.state_dict().items()}, directory / HEAD_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MeanPoolingClassifier:
+        """Read what `save_pretrained` wrote."""
+        from transformers import AutoModel
+
+        head = load_file(Path(directory) / HEAD_FILE)
+        model = cls(AutoModel.from_pretrained(directory, dtype=dtype), num_labels=head["weight"].shape[0])
+        model.classifier.load_state_dict(head)
+        return model.to(dtype)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -94,6 +115,11 @@ def load_model(name_or_path: str, task: str, num_labels: int = 2,
         raise ValueError(f"built-in model {name_or_path!r} supports task {builtin_task!r}, not {task!r}")
     if name_or_path == "minilm":
         model, tokenizer = _load_minilm(num_labels, dtype)
+    elif (Path(name_or_path) / HEAD_FILE).is_file():  # a merged MiniLM classifier that peftkit saved
+        from transformers import AutoTokenizer
+
+        model = MeanPoolingClassifier.from_pretrained(name_or_path, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
         model, tokenizer = _load_auto(name_or_path, task, num_labels, dtype)
     if builtin_task is not None:
