@@ -62,7 +62,8 @@ def run_config(task: str, method: str, fields: dict, lr: float, budget: dict, ou
         model = {"name": "smollm2", "task": "causal-lm"}
         data = {"dataset": "shakespeare", "max_length": budget["max_length"], "train_size": steps * batch,
                 "eval_size": budget["test_size"], "test_size": budget["test_size"], "test_before_training": True}
-    train = {"lr": lr, "max_steps": steps, "batch_size": batch, "eval_batch_size": 64, "warmup_ratio": 0.1,
+    eval_batch = 64 if task == "text" else 8  # LM logits are (batch, seq, 49k): keep eval batches small
+    train = {"lr": lr, "max_steps": steps, "batch_size": batch, "eval_batch_size": eval_batch, "warmup_ratio": 0.1,
              "output_dir": str(out / method), "log_every": 0, "save_adapter": True, "seed": 0}
     return {"model": model, "data": data, "method": method, "adapter": fields, "train": train}
 
