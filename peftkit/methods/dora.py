@@ -23,7 +23,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core import weights
 from ..core.registry import register
@@ -74,8 +73,10 @@ class DoRALinear(LoRALinear):
         scale = self.magnitude / self.row_norm()  # (d_out,)
         bias = self.bias
         y_nobias = y if bias is None else y - bias
-        lora = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B * self.scaling)
-        out = scale * (y_nobias.to(scale.dtype) + lora)
+        # W0 x + s B A x through LoRA's low_rank: added into the base output in place (no second
+        # (tokens, d_out) tensor) when dtypes agree; y is cast to the adapter dtype first as before
+        direction = self.low_rank(self.dropout(x), y_nobias.to(scale.dtype), self.lora_A, self.lora_B)
+        out = scale * direction
         return (out if bias is None else out + bias).to(y.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
