@@ -121,7 +121,7 @@ def test_killed_train_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_
     import signal
     import time
 
-    from safetensors.torch import load_file
+    from peftkit.core.io import read_adapter
 
     rows = ["text,label"] + [f"{'good fine great' if i % 2 else 'bad awful poor'} film {i},{i % 2}" for i in range(80)]
     (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
@@ -151,8 +151,8 @@ def test_killed_train_resumes_to_the_uninterrupted_result(tiny_local_model, tmp_
     assert not (tmp_path / "killed" / "adapter").exists()
     resumed = _peftkit("train", config("killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight = load_file(tmp_path / "straight" / "adapter" / "adapter.safetensors")
-    again = load_file(tmp_path / "killed" / "adapter" / "adapter.safetensors")
+    straight = read_adapter(tmp_path / "straight" / "adapter")[2]
+    again = read_adapter(tmp_path / "killed" / "adapter")[2]
     assert straight.keys() == again.keys()
     for key in straight:
         torch.testing.assert_close(again[key], straight[key], atol=1e-6, rtol=0)

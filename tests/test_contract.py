@@ -9,8 +9,8 @@ fails `test_every_registered_method_has_a_row`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ import peftkit
 from peftkit.core import weights
 from peftkit.core.apply import get_state
 from peftkit.core.inject import find_targets
+
 from tiny_models import MODELS, example_inputs, output_of
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import MODELS, example_inputs
 
 import peftkit
+
+from tiny_models import MODELS, example_inputs
 
 peft = pytest.importorskip("peft")
 

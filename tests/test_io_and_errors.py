@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftkit
-from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE
+from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE, read_adapter
+
 from tiny_models import example_inputs, mlp, tiny_llama
 
 
@@ -55,8 +56,29 @@ def test_saved_files_are_safetensors_and_json(saved):
     meta = json.loads((saved / CONFIG_FILE).read_text())
     assert meta["config"]["method"] == "lora" and meta["peftkit_version"] == peftkit.__version__
     assert "model.layers.0.self_attn.q_proj" in meta["base_fingerprint"]
-    keys = set(load_file(saved / WEIGHTS_FILE))
-    assert "model.layers.0.self_attn.q_proj.lora_A" in keys and len(keys) == 8
+    stacked = load_file(saved / WEIGHTS_FILE)  # blocks stacked: one tensor per (module, parameter) pattern
+    assert stacked["model.layers.*.self_attn.q_proj.lora_A"].shape == (2, 2, 32) and len(stacked) == 4
+    _, _, tensors = read_adapter(saved)
+    assert "model.layers.1.self_attn.q_proj.lora_A" in tensors and len(tensors) == 8
+
+
+def test_stacking_round_trips_and_keeps_odd_shapes_apart():
+    from peftkit.core.io import stack_blocks, unstack_blocks
+
+    tensors = {"m.layers.0.q.lora_A": torch.randn(2, 4), "m.layers.1.q.lora_A": torch.randn(2, 4),
+               "m.layers.0.k.lora_A": torch.randn(2, 4), "m.layers.1.k.lora_A": torch.randn(3, 4), "head.w": torch.ones(2)}
+    packed, index = stack_blocks(dict(tensors))
+    assert set(packed) == {"m.layers.*.q.lora_A", "m.layers.0.k.lora_A", "m.layers.1.k.lora_A", "head.w"}
+    assert index == {"m.layers.*.q.lora_A": [0, 1]}
+    back = unstack_blocks(packed, index)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+
+
+def _rewrite(saved, edit) -> None:
+    """Edit the saved tensors (unstacked) and write them back as a plain, unstacked safetensors file."""
+    _, _, tensors = read_adapter(saved)
+    edit(tensors)
+    save_file(tensors, saved / WEIGHTS_FILE)
 
 
 def test_truncated_file(saved):
@@ -78,16 +100,12 @@ def test_unknown_config_field(saved):
 
 
 def test_missing_key(saved):
-    tensors = load_file(saved / WEIGHTS_FILE)
-    tensors.pop("model.layers.1.self_attn.v_proj.lora_B")
-    save_file(tensors, saved / WEIGHTS_FILE)
+    _rewrite(saved, lambda t: t.pop("model.layers.1.self_attn.v_proj.lora_B"))
     _failing_load(saved, peftkit.AdapterFileError, "missing model.layers.1.self_attn.v_proj.lora_B")
 
 
 def test_shape_mismatch(saved):
-    tensors = load_file(saved / WEIGHTS_FILE)
-    tensors["model.layers.0.self_attn.q_proj.lora_A"] = torch.zeros(3, 32)
-    save_file(tensors, saved / WEIGHTS_FILE)
+    _rewrite(saved, lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A": torch.zeros(3, 32)}))
     _failing_load(saved, peftkit.AdapterFileError, r"q_proj.lora_A: file \(3, 32\) vs model \(2, 32\)")
 
 
@@ -185,7 +203,7 @@ def test_modules_to_save_trains_and_saves_the_head(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     peftkit.save(model, tmp_path)
-    assert "lm_head.weight" in load_file(tmp_path / WEIGHTS_FILE)
+    assert "lm_head.weight" in read_adapter(tmp_path)[2]
     fresh = peftkit.load(tiny_llama(), tmp_path)
     torch.testing.assert_close(fresh.lm_head.weight, model.lm_head.weight)
     with peftkit.disabled(model):  # the original head comes back while disabled

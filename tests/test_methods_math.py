@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import peftkit
 from peftkit.core.apply import adapter_layers_of
+
 from tiny_models import example_inputs, mlp, tiny_gpt2, tiny_llama
 
 

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_llama
-from train_toy import base_classifier, lora_classifier, stack, toy_config, toy_data
 
 import peftkit
 from peftkit.core.config import ConfigError, field_docs
@@ -25,6 +23,9 @@ from peftkit.train import loop
 from peftkit.train.checkpoint import flatten_optimizer, latest_checkpoint, unflatten_optimizer
 from peftkit.train.loop import NonFiniteLossError, TrainConfig, all_reduce_gradients, epoch_batches, train
 from peftkit.train.plots import plot_tradeoff
+
+from tiny_models import tiny_llama
+from train_toy import base_classifier, lora_classifier, stack, toy_config, toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "tests" / "train_toy.py"

@@ -34,7 +34,7 @@ class AdapterState:
     selected: list[str]
     """Names of existing parameters made trainable (selection methods and modules_to_save)."""
     requires_grad_before: dict[str, bool]
-    fingerprint: dict[str, dict]
+    fingerprint: dict[str, list]
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     """Copies of selected parameters, so `disabled()` can show the base model."""
 
@@ -52,8 +52,8 @@ def has_adapter(model: nn.Module) -> bool:
     return getattr(model, STATE_ATTR, None) is not None
 
 
-def fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict]:
-    """Shapes and cheap weight checksums of the named base modules."""
+def fingerprint(model: nn.Module, names: list[str]) -> dict[str, list]:
+    """{module name: [weight shape, [sum, sum of |w|]]} of the named base modules (compact: it is saved)."""
     out = {}
     for name in names:
         try:
@@ -62,7 +62,7 @@ def fingerprint(model: nn.Module, names: list[str]) -> dict[str, dict]:
             continue  # reported as missing by the caller
         module = module.base if isinstance(module, AdapterLayer) else module
         if weights.layer_kind(module) is not None:
-            out[name] = {"shape": list(weights.get_weight(module).shape), "checksum": weights.weight_checksum(module)}
+            out[name] = [list(weights.get_weight(module).shape), weights.weight_checksum(module)]
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .apply import apply, fingerprint, get_module, get_state, has_adapter, unload
@@ -118,9 +118,53 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"peftkit_version": _version(), "base_model": base_model_name(model), "config": state.config.to_dict(),
             "base_fingerprint": state.fingerprint}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    tensors, stacked = stack_blocks(tensors)
+    metadata = {"format": "pt", "stacked": json.dumps(stacked, separators=(",", ":"))}
+    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
+    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, separators=(",", ":"))))
     return directory
+
+
+def _block_pattern(key: str) -> tuple[str, int] | None:
+    parts = key.split(".")
+    i = next((j for j, part in enumerate(parts) if part.isdigit()), None)
+    return None if i is None else (".".join(parts[:i] + ["*"] + parts[i + 1 :]), int(parts[i]))
+
+
+def stack_blocks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Stack tensors whose names differ only in the block index into one (n_blocks, ...) tensor.
+
+    "model.layers.0.self_attn.q_proj.lora_A" ... "model.layers.5...." become one tensor under
+    "model.layers.*.self_attn.q_proj.lora_A" when their shapes and dtypes agree. Why: the safetensors
+    header costs ~100 bytes per tensor, which for a LoRA on every linear layer of a deep model is more
+    than the adapter's whole config; stacking keeps the file at its tensors' size plus a few KiB.
+    Returns the new dict and {pattern: block indices in stacking order}.
+    """
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for key in tensors:
+        found = _block_pattern(key)
+        if found is not None:
+            groups.setdefault(found[0], []).append((found[1], key))
+    out, index = {}, {}
+    for pattern, members in groups.items():
+        if len(members) > 1 and len({(tensors[k].shape, tensors[k].dtype) for _, k in members}) == 1:
+            members.sort()
+            out[pattern] = torch.stack([tensors[k] for _, k in members])
+            index[pattern] = [i for i, _ in members]
+    done = {pattern.replace("*", str(i), 1) for pattern, idx in index.items() for i in idx}
+    out.update({k: v for k, v in tensors.items() if k not in done})
+    return out, index
+
+
+def unstack_blocks(tensors: dict[str, torch.Tensor], index: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Inverse of `stack_blocks`."""
+    out = {k: v for k, v in tensors.items() if k not in index}
+    for pattern, indices in index.items():
+        stacked = tensors.get(pattern)
+        if stacked is None or stacked.shape[0] != len(indices):
+            raise AdapterFileError(f"stacked tensor {pattern} does not match its index {indices}; save the adapter again")
+        out.update({pattern.replace("*", str(i), 1): t.clone() for i, t in zip(indices, stacked.unbind(0), strict=True)})
+    return out
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -144,21 +188,24 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict, dic
     except json.JSONDecodeError as err:
         raise AdapterFileError(f"{meta_path} is not valid JSON ({err})") from err
     cfg = config_from_dict(meta["config"])
-    return cfg, meta, read_tensors(directory / WEIGHTS_FILE)
+    tensors = read_tensors(directory / WEIGHTS_FILE)
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:  # already validated by read_tensors
+        stacked = json.loads((f.metadata() or {}).get("stacked", "{}"))
+    return cfg, meta, unstack_blocks(tensors, stacked)
 
 
 def check_fingerprint(saved: dict, current: dict, rtol: float = 1e-3) -> list[str]:
     """Modules whose shape or weights differ between the saved and the current base."""
     differ = []
-    for name, info in saved.items():
+    for name, (shape, checksum) in saved.items():
         now = current.get(name)
         if now is None:
             differ.append(f"{name} (missing)")
-        elif now["shape"] != info["shape"]:
-            differ.append(f"{name} (shape {info['shape']} -> {now['shape']})")
+        elif now[0] != shape:
+            differ.append(f"{name} (shape {shape} -> {now[0]})")
         else:
-            scale = max(abs(info["checksum"][1]), 1e-12)
-            if any(abs(a - b) > rtol * scale for a, b in zip(info["checksum"], now["checksum"], strict=True)):
+            scale = max(abs(checksum[1]), 1e-12)
+            if any(abs(a - b) > rtol * scale for a, b in zip(checksum, now[1], strict=True)):
                 differ.append(f"{name} (weights differ)")
     return differ
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from ..core.io import load_adapter_state_dict, read_tensors, save
+from ..core.io import load_adapter_state_dict, read_adapter, read_tensors, save
 
 LAST = "checkpoint-last"
 STATE_FILE = "trainer_state.json"
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
             f"{path} was saved from a model with other trainable parameters "
             f"({len(meta['trainable'])} saved, {len(trainable)} now); resume with the same adapter config"
         )
-    load_adapter_state_dict(model, read_tensors(path / "adapter.safetensors"))
+    load_adapter_state_dict(model, read_adapter(path)[2])  # the adapter as peftkit.save wrote it
     template = optimizer.state_dict()
     optimizer.load_state_dict(unflatten_optimizer(read_tensors(path / OPTIMIZER_FILE), meta["optimizer"], template))
     scheduler.load_state_dict(meta["scheduler"])
