@@ -37,12 +37,14 @@ def plot_loss(history: Mapping, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def plot_tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, metric: str = "accuracy") -> Path:
+def plot_tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, metric: str = "accuracy",
+                  references: Mapping[str, float] | None = None) -> Path:
     """Scatter `metric` against trainable parameters (log x), one labelled point per method.
 
     Args:
         rows: `{"method": name, "trainable_params": count, "accuracy": value}` per method.
         metric: the key plotted on the y axis.
+        references: {label: value} drawn as dashed horizontal lines (baselines from elsewhere).
     """
     needed = {"method", "trainable_params", metric}
     for row in rows:
@@ -55,6 +57,10 @@ def plot_tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, metric: str 
         x, y = max(row["trainable_params"], 1), row[metric]
         ax.scatter([x], [y], s=36)
         ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for i, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=f"C{7 + i}", label=label)
+    if references:
+        ax.legend(fontsize=8, loc="lower right")
     ax.set_xscale("log")
     ax.set(xlabel="trainable parameters (log scale)", ylabel=metric, title=f"{metric} vs trainable parameters")
     ax.grid(alpha=0.3, which="both")
