@@ -1,0 +1,614 @@
+"""Training-step time, peak memory and inference cost of peftkit, side by side with Hugging Face peft.
+
+    python benchmarks/bench_step.py                 # full protocol (3 rounds x 10 steps), ~20 min on 2 cores
+    python benchmarks/bench_step.py --quick         # smoke test: 1 round, 2 + 3 steps, seq 64
+    python benchmarks/bench_step.py --device cuda --model-size 1b
+
+The protocol is the one of `shared/reference/peft-baseline.md`: a random-init Llama (16.77M parameters),
+fp32, batch 4 x 256, 2 torch threads. Every (library, configuration) runs in its own fresh subprocess
+(this script with `--worker`, printing one JSON line), so peak memory (VmHWM) belongs to that job alone.
+Rounds run every job once in a shuffled order; medians over rounds are reported, and ratios are taken
+within a round (a job against the floor or the peft job of the same round) before the median, so slow
+drift of the machine's load cancels. See benchmarks/README.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MARK = "BENCH_RESULT "
+UNCONTENDED = 0.9
+"""A CPU job whose CPU time / wall time is below this share of its threads lost a core to another process."""
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# config name -> (label, libraries it runs for). "torch" jobs are library-free references.
+CONFIGS = {
+    "full": ("full fine-tuning", ["torch"]),
+    "floor": ("floor", ["torch"]),
+    "lora8-qv": ("LoRA r8 on q,v", ["peft", "peftkit"]),
+    "lora16-all": ("LoRA r16 on all 7 linear", ["peft", "peftkit"]),
+    "dora8-all": ("DoRA r8 on all linear", ["peft", "peftkit"]),
+    "ia3": ("(IA)3 default targets", ["peft", "peftkit"]),
+    "prompt20": ("prompt tuning, 20 tokens", ["peft", "peftkit"]),
+}
+INFER_VARIANTS = ["base", "lora16-unmerged", "lora16-merged"]
+
+MODEL_SIZES = {  # LlamaConfig keyword arguments
+    "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=6, vocab_size=8000, tie_word_embeddings=False),
+    # TinyLlama-1.1B's shape: 1.10B parameters
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+# ============================================================================================
+# worker side: one job in a fresh process
+# ============================================================================================
+def build_model(spec: dict):
+    """The seeded random-init Llama of the protocol, on the job's device (fp32 weights)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec["seed"])
+    with torch.device(spec["device"]):
+        model = LlamaForCausalLM(LlamaConfig(**MODEL_SIZES[spec["model_size"]]))
+    return model
+
+
+def peftkit_config(name: str):
+    import peftkit
+
+    return {
+        "lora8-qv": lambda: peftkit.LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16),
+        "lora16-all": lambda: peftkit.LoRAConfig(targets=ALL_LINEAR, r=16, alpha=32),
+        "dora8-all": lambda: peftkit.DoRAConfig(targets=ALL_LINEAR, r=8, alpha=16),
+        "ia3": lambda: peftkit.IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]),
+        "prompt20": lambda: peftkit.PromptTuningConfig(num_virtual_tokens=20),
+    }[name]()
+
+
+def peft_config(name: str):
+    import peft
+
+    return {
+        "lora8-qv": lambda: peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+                                            r=8, lora_alpha=16),
+        "lora16-all": lambda: peft.LoraConfig(task_type="CAUSAL_LM", target_modules=ALL_LINEAR, r=16, lora_alpha=32),
+        "dora8-all": lambda: peft.LoraConfig(task_type="CAUSAL_LM", target_modules=ALL_LINEAR, r=8, lora_alpha=16,
+                                             use_dora=True),
+        "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+                                      feedforward_modules=["down_proj"]),
+        "prompt20": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=20),
+    }[name]()
+
+
+def adapt(model, lib: str, config: str):
+    """Apply `config` with `lib` ("torch" for the references); returns the model to train."""
+    if lib == "torch":
+        for p in model.parameters():
+            p.requires_grad_(config == "full")
+        if config == "floor":  # gradients reach the input embeddings' output; no weight gets one
+            model.enable_input_require_grads()
+        return model
+    if lib == "peftkit":
+        import peftkit
+
+        return peftkit.apply(model, peftkit_config(config))
+    import peft
+
+    return peft.get_peft_model(model, peft_config(config))
+
+
+def resident_mb(field: str = "VmRSS") -> float:
+    """VmRSS / VmHWM of this process in MB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_mark(device: str) -> float:
+    """Memory in use now (RSS on CPU, allocated on CUDA), MB."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    return resident_mb("VmRSS")
+
+
+def memory_peak(device: str) -> float:
+    """Peak memory of the job so far (VmHWM on CPU, max allocated on CUDA), MB."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else resident_mb("VmHWM")
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA; nothing on CPU (the CPU protocol is fp32)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+
+
+def timed(fn, device: str, cpu: list[float] | None = None) -> float:
+    """Wall time of fn() in ms (synchronised on CUDA); appends the process's CPU ms to `cpu` if given."""
+    import torch
+
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if cpu is not None:
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return (time.perf_counter() - start) * 1e3
+
+
+def make_batch(spec: dict, vocab: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=gen).to(spec["device"])
+
+
+def train_job(spec: dict) -> dict:
+    """Warm-up + timed training steps of one (library, config); step times and peak memory."""
+    import torch
+
+    base = build_model(spec)
+    n_base = sum(p.numel() for p in base.parameters())
+    mem0 = memory_mark(spec["device"])
+    model = adapt(base, spec["lib"], spec["config"])
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = make_batch(spec, base.config.vocab_size)
+
+    def step() -> None:
+        with autocast(spec["device"]):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    cpu: list[float] = []
+    times = [timed(step, spec["device"], cpu) for _ in range(spec["warmup"] + spec["steps"])][spec["warmup"]:]
+    return {"step_ms": statistics.median(times), "step_ms_all": times,
+            "cpu_util": statistics.median(c / t for c, t in zip(cpu[spec["warmup"]:], times, strict=True)),
+            "peak_delta_mb": memory_peak(spec["device"]) - mem0,
+            "trainable": sum(p.numel() for p in params), "base_params": n_base}
+
+
+class InferenceStates:
+    """One LoRA r16 model (B drawn at random, so merging changes the weights) put into each variant.
+
+    All three variants run on the same weight tensors, so the comparison is free of the few-percent
+    differences that separately built, identical models show on CPU (where their memory lands):
+    "base" swaps every adapter layer in its parent for its base layer (no wrapper left; the weights
+    hold the merged values, which cost the same), "lora16-merged" is `peftkit.merge` / peft's
+    `merge_adapter()` (both keep their layers, so the adapter can be unmerged), "lora16-unmerged" the
+    adapter as trained. Switching happens between timed forwards.
+    """
+
+    def __init__(self, spec: dict) -> None:
+        import torch
+
+        self.lib = spec["lib"]
+        self.model = adapt(build_model(spec), self.lib, "lora16-all").eval()
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        self.plain = self.model if self.lib == "peftkit" else self.model.get_base_model()
+        base_attr = "base" if self.lib == "peftkit" else "base_layer"
+        self.swaps = [(parent, name, child, getattr(child, base_attr))
+                      for parent in list(self.plain.modules()) for name, child in parent.named_children()
+                      if hasattr(child, base_attr) and hasattr(child, "merge")]
+        self.merged = False
+
+    def set_merged(self, merged: bool) -> None:
+        if merged == self.merged:
+            return
+        import peftkit
+
+        if self.lib == "peftkit":
+            (peftkit.merge if merged else peftkit.unmerge)(self.model)
+        else:
+            self.model.merge_adapter() if merged else self.model.unmerge_adapter()
+        self.merged = merged
+
+    def model_for(self, variant: str):
+        """The module to call for `variant`, after putting the weights and wrappers in place."""
+        for parent, name, wrapper, _ in self.swaps:  # wrappers back first: merge/unmerge look for them
+            setattr(parent, name, wrapper)
+        self.set_merged(variant != "lora16-unmerged")
+        if variant == "base":
+            for parent, name, _, base in self.swaps:
+                setattr(parent, name, base)
+        return self.plain if variant == "base" else self.model
+
+
+def infer_job(spec: dict) -> dict:
+    """Forward-only (no grad) time of base / LoRA unmerged / LoRA merged, interleaved on one model."""
+    import torch
+
+    states = InferenceStates(spec)
+    ids = make_batch(spec, states.plain.config.vocab_size)
+    logits = {}
+    times: dict[str, list[float]] = {k: [] for k in INFER_VARIANTS}
+
+    def forward(model, name: str) -> None:
+        with torch.no_grad(), autocast(spec["device"]):
+            logits[name] = model(input_ids=ids, use_cache=False).logits
+
+    order, cpu, wall = list(INFER_VARIANTS), [], []
+    for i in range(spec["warmup"] + spec["steps"]):
+        order = order[1:] + order[:1]  # rotate, so no variant always runs first
+        for name in order:
+            model = states.model_for(name)
+            t = timed(lambda model=model, name=name: forward(model, name), spec["device"], cpu)
+            wall.append(t)
+            if i >= spec["warmup"]:
+                times[name].append(t)
+    diff = (logits["lora16-merged"].float() - logits["lora16-unmerged"].float()).abs().max().item()
+    return {"forward_ms": {k: statistics.median(v) for k, v in times.items()}, "forward_ms_all": times,
+            "cpu_util": statistics.median(c / t for c, t in zip(cpu, wall, strict=True)),
+            "merged_vs_unmerged_max_abs_logit_diff": diff}
+
+
+def file_job(spec: dict) -> dict:
+    """Adapter file overhead of LoRA r16 all-linear: file bytes minus raw tensor bytes (both libraries)."""
+    import peft
+
+    import peftkit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = peftkit.save(peftkit.apply(build_model(spec), peftkit_config("lora16-all")), Path(tmp) / "peftkit")
+        out = {"peftkit": _file_sizes(path / "adapter.safetensors", path / "peftkit_adapter.json")}
+        out["peftkit"]["json_text"] = (path / "peftkit_adapter.json").read_text()
+        peft.get_peft_model(build_model(spec), peft_config("lora16-all")).save_pretrained(Path(tmp) / "peft")
+        path = Path(tmp) / "peft"
+        out["peft"] = _file_sizes(path / "adapter_model.safetensors", path / "adapter_config.json")
+    return out
+
+
+def _file_sizes(weights: Path, config: Path) -> dict:
+    """Sizes of an adapter's two files; overhead = bytes beyond the raw tensor data."""
+    from safetensors.torch import load_file
+
+    tensor_bytes = sum(t.numel() * t.element_size() for t in load_file(str(weights)).values())
+    st, js = weights.stat().st_size, config.stat().st_size
+    return {"tensor_bytes": tensor_bytes, "safetensors_bytes": st, "json_bytes": js,
+            "safetensors_overhead": st - tensor_bytes, "total_overhead": st - tensor_bytes + js}
+
+
+def worker(spec: dict) -> None:
+    import torch
+
+    if spec["device"] == "cpu":
+        torch.set_num_threads(spec["threads"])
+    job = {"train": train_job, "infer": infer_job, "file": file_job}[spec["kind"]]
+    loadavg = os.getloadavg()[0]  # other processes on the machine: read next to noisy numbers
+    result = {**spec, **job(spec), "loadavg_1min": loadavg}
+    print(MARK + json.dumps(result), flush=True)
+
+
+# ============================================================================================
+# driver side: rounds of subprocesses, aggregation, report
+# ============================================================================================
+def run_job(spec: dict) -> dict:
+    """Run one job in a fresh interpreter; its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"job {spec} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARK):])
+
+
+def run_uncontended(spec: dict, retries: int) -> dict:
+    """run_job, repeated (after a pause) while another process took CPU from it: on an idle machine a
+    job's CPU time / wall time is ~its thread count (1.98-1.99 with 2 threads); under contention
+    it falls (1.25 next to one busy process, at 3x the step time). The best attempt is kept."""
+    best = None
+    for attempt in range(retries + 1):
+        res = run_job(spec)
+        res["attempts"] = attempt + 1
+        if best is None or res["cpu_util"] > best["cpu_util"]:
+            best = res
+        if spec["device"] != "cpu" or res["cpu_util"] >= UNCONTENDED * spec["threads"]:
+            return best
+        print(f"  contended (CPU/wall {res['cpu_util']:.2f} with {spec['threads']} threads, "
+              f"load {res['loadavg_1min']:.1f}); retrying in {min(15 * 2**attempt, 120)} s", flush=True)
+        time.sleep(min(15 * 2**attempt, 120))
+    best["contended"] = True
+    return best
+
+
+def job_specs(args) -> list[dict]:
+    common = {"device": args.device, "model_size": args.model_size, "seed": 0, "batch": args.batch,
+              "seq": args.seq, "threads": args.threads}
+    train = {**common, "kind": "train", "warmup": args.warmup, "steps": args.steps}
+    specs = [{**train, "lib": lib, "config": c} for c in args.configs for lib in CONFIGS[c][1]]
+    if args.infer:
+        infer = {**common, "kind": "infer", "warmup": args.warmup, "steps": args.infer_steps}
+        specs += [{**infer, "lib": lib} for lib in ("peft", "peftkit")]
+    return specs
+
+
+def run_rounds(args) -> list[list[dict]]:
+    """Every job once per round, in a shuffled order (seeded by the round number)."""
+    rounds = []
+    for r in range(args.rounds):
+        specs = job_specs(args)
+        random.Random(r).shuffle(specs)
+        results = []
+        for i, spec in enumerate(specs):
+            t0 = time.time()
+            res = run_uncontended({**spec, "round": r}, args.retries)
+            results.append(res)
+            what = res.get("config", "inference")
+            print(f"round {r + 1}/{args.rounds} job {i + 1}/{len(specs)}: {res['lib']:8s} {what:12s} "
+                  f"{_job_summary(res)} ({time.time() - t0:.0f} s)", flush=True)
+        rounds.append(results)
+    return rounds
+
+
+def _job_summary(res: dict) -> str:
+    if res["kind"] == "train":
+        return f"{res['step_ms']:8.1f} ms/step, peak +{res['peak_delta_mb']:.0f} MB"
+    return " ".join(f"{k} {v:.1f} ms" for k, v in res["forward_ms"].items())
+
+
+def median_ratio(rounds: list[list[dict]], num, den) -> float | None:
+    """Median over rounds of num(round) / den(round); None when a round lacks either."""
+    ratios = []
+    for results in rounds:
+        a, b = num(results), den(results)
+        if a is not None and b:
+            ratios.append(a / b)
+    return statistics.median(ratios) if ratios else None
+
+
+def pick(results: list[dict], lib: str, config: str, key: str) -> float | None:
+    found = [r[key] for r in results if r["kind"] == "train" and r["lib"] == lib and r["config"] == config]
+    return found[0] if found else None
+
+
+def train_rows(rounds: list[list[dict]], configs: list[str]) -> list[dict]:
+    """One summary row per (config, library)."""
+    rows = []
+    for c in configs:
+        for lib in CONFIGS[c][1]:
+            runs = [r for res in rounds for r in res if r["kind"] == "train" and r["lib"] == lib and r["config"] == c]
+            row = {"config": c, "label": CONFIGS[c][0], "lib": lib,
+                   "trainable_pct": 100 * runs[0]["trainable"] / runs[0]["base_params"],
+                   "step_ms": statistics.median(r["step_ms"] for r in runs),
+                   "step_ms_range": [min(r["step_ms"] for r in runs), max(r["step_ms"] for r in runs)],
+                   "peak_delta_mb": statistics.median(r["peak_delta_mb"] for r in runs),
+                   "x_floor": median_ratio(rounds, lambda res, lib=lib, c=c: pick(res, lib, c, "step_ms"),
+                                           lambda res: pick(res, "torch", "floor", "step_ms")),
+                   "x_peft": None, "mem_x_peft": None}
+            if lib == "peftkit":
+                for key, out in (("step_ms", "x_peft"), ("peak_delta_mb", "mem_x_peft")):
+                    row[out] = median_ratio(rounds, lambda res, c=c, key=key: pick(res, "peftkit", c, key),
+                                            lambda res, c=c, key=key: pick(res, "peft", c, key))
+            rows.append(row)
+    return rows
+
+
+def infer_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Per library and variant: median forward ms and the median of the in-process ratio to base."""
+    rows = []
+    for lib in ("peft", "peftkit"):
+        runs = [r for res in rounds for r in res if r["kind"] == "infer" and r["lib"] == lib]
+        if not runs:
+            continue
+        for v in INFER_VARIANTS:
+            rows.append({"lib": lib, "variant": v,
+                         "forward_ms": statistics.median(r["forward_ms"][v] for r in runs),
+                         "x_base": statistics.median(r["forward_ms"][v] / r["forward_ms"]["base"] for r in runs),
+                         "max_logit_diff": max(r["merged_vs_unmerged_max_abs_logit_diff"] for r in runs)})
+    return rows
+
+
+def environment(args) -> dict:
+    import matplotlib
+    import peft
+    import torch
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "peftkit"], capture_output=True, text=True,
+                           cwd=HERE.parent).stdout.strip()
+    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+           "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "peft": peft.__version__,
+           "matplotlib": matplotlib.__version__, "peftkit_commit": commit + ("+dirty" if dirty else ""),
+           "loadavg_start": list(os.getloadavg())}
+    if args.device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# --- report --------------------------------------------------------------------------------
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(report: dict) -> str:
+    env, a = report["environment"], report["args"]
+    lines = [f"# peftkit vs peft: training step, memory, inference ({a['device']}, model {a['model_size']})", "",
+             f"- date: {env['date']}; machine: {env['platform']}, {env['processor']}, nproc {env['nproc']} "
+             f"(usable {env['usable_cpus']}){'; GPU ' + env['gpu'] if 'gpu' in env else ''}",
+             f"- torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+             f"python {env['python']}, peftkit at {env['peftkit_commit']}",
+             f"- protocol: batch {a['batch']} x {a['seq']}, {a['threads']} threads, {a['warmup']} warm-up + "
+             f"{a['steps']} timed steps, {a['rounds']} round(s) in shuffled order, one subprocess per job; "
+             f"medians. Load average at start {env['loadavg_start'][0]:.2f}, at end {env['loadavg_end'][0]:.2f}.",
+             f"- contention: {report['contention']}",
+             "", "## Training step", "",
+             "| config | library | trainable % | step ms (median) | x floor | x peft | peak delta MB | memory x peft "
+             "| step ms min-max over rounds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in report["train"]:
+        lines.append(f"| {r['label']} | {r['lib']} | {r['trainable_pct']:.2f} | {r['step_ms']:.0f} | "
+                     f"{fmt(r['x_floor'])} | {fmt(r['x_peft'])} | {r['peak_delta_mb']:.0f} | {fmt(r['mem_x_peft'])} | "
+                     f"{r['step_ms_range'][0]:.0f}-{r['step_ms_range'][1]:.0f} |")
+    if report["infer"]:
+        lines += ["", f"## Inference (forward only, no grad, {a['infer_steps']} interleaved forwards per variant)",
+                  "", "| library | variant | forward ms (median) | x base (same process) | max logit diff merged vs unmerged |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['lib']} | {r['variant']} | {r['forward_ms']:.1f} | {r['x_base']:.3f} | "
+                  f"{r['max_logit_diff']:.1e} |" for r in report["infer"]]
+    if report.get("file"):
+        lines += ["", "## LoRA r16 all-linear adapter file", "",
+                  "| library | tensor bytes | safetensors bytes | safetensors overhead | JSON bytes | total overhead |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {lib} | {f['tensor_bytes']} | {f['safetensors_bytes']} | {f['safetensors_overhead']} | "
+                  f"{f['json_bytes']} | {f['total_overhead']} ({f['total_overhead'] / 1024:.1f} KiB) |"
+                  for lib, f in report["file"].items()]
+    lines += ["", "## Targets (peftkit, this run)", ""] + [f"- {t}" for t in targets(report)]
+    return "\n".join(lines) + "\n"
+
+
+def targets(report: dict) -> list[str]:
+    """The agreed targets, each with its measured value and met / MISSED."""
+    out = []
+
+    def check(name: str, value: float | None, ok) -> None:
+        if value is not None:
+            out.append(f"{name}: {value:.3f} ({'met' if ok(value) else 'MISSED'})")
+
+    lora = next((r for r in report["train"] if r["config"] == "lora16-all" and r["lib"] == "peftkit"), None)
+    if lora:
+        check("LoRA r16 all linear, step x floor <= 1.15", lora["x_floor"], lambda v: v <= 1.15)
+        check("LoRA r16 all linear, step x peft <= 1.00", lora["x_peft"], lambda v: v <= 1.0)
+    merged = next((r for r in report["infer"] if r["lib"] == "peftkit" and r["variant"] == "lora16-merged"), None)
+    if merged:
+        check("merged LoRA r16 forward x base <= 1.02", merged["x_base"], lambda v: v <= 1.02)
+    if report.get("file"):
+        f = report["file"]["peftkit"]
+        out.append(f"adapter file overhead < 8 KiB: safetensors {f['safetensors_overhead']} B "
+                   f"({'met' if f['safetensors_overhead'] < 8192 else 'MISSED'}), with the JSON "
+                   f"{f['total_overhead']} B ({'met' if f['total_overhead'] < 8192 else 'MISSED'})")
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    """Step time x floor per config, peft and peftkit side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in report["train"]))
+    colors = {"torch": "0.55", "peft": "tab:orange", "peftkit": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(configs)), 4))
+    for i, c in enumerate(configs):
+        rows = [r for r in report["train"] if r["config"] == c and r["x_floor"] is not None]
+        for j, r in enumerate(rows):
+            x = i + (j - (len(rows) - 1) / 2) * 0.38
+            ax.bar(x, r["x_floor"], 0.36, color=colors[r["lib"]])
+            ax.text(x, r["x_floor"], f"{r['x_floor']:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set_xticks(range(len(configs)), [CONFIGS[c][0].replace(" on ", "\non ").replace(", ", "\n")
+                                        for c in configs], fontsize=7)
+    ax.set_ylabel("step time / floor (median over rounds)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()]
+    ax.legend(handles, ["reference (no library)", "peft", "peftkit"], fontsize=7, loc="upper left")
+    env, a = report["environment"], report["args"]
+    ax.set_title(f"{a['device']} {a['model_size']}, batch {a['batch']}x{a['seq']}, torch {env['torch']}, "
+                 f"peft {env['peft']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def write_report(args, rounds: list[list[dict]], env: dict, file_result: dict | None) -> Path:
+    env["loadavg_end"] = list(os.getloadavg())
+    jobs = [r for res in rounds for r in res]
+    still = [f"{r['lib']} {r.get('config', 'inference')} (round {r['round'] + 1})" for r in jobs if r.get("contended")]
+    contention = (f"{sum(r['attempts'] > 1 for r in jobs)} of {len(jobs)} jobs were repeated because another "
+                  f"process took CPU from them (CPU/wall < {UNCONTENDED} x threads); still contended after "
+                  f"{args.retries} repeats: {', '.join(still) or 'none'}")
+    report = {"environment": env, "args": vars(args), "contention": contention, "train": train_rows(rounds, args.configs),
+              "infer": infer_rows(rounds), "file": file_result,
+              "raw": [[{k: v for k, v in r.items() if k != "json_text"} for r in res] for res in rounds]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"results-{args.device}" + ("" if args.model_size == "small" else f"-{args.model_size}") + (
+        "-quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(markdown(report))
+    plot(report, out / f"{stem}.png")
+    return out / f"{stem}.md"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per job")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--infer-steps", type=int, default=20, help="timed forwards per inference variant")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="training configurations (floor is always added)")
+    p.add_argument("--retries", type=int, default=4, help="repeats of a CPU job that lost a core to another process")
+    p.add_argument("--no-infer", dest="infer", action="store_false", help="skip the inference jobs")
+    p.add_argument("--no-file", dest="file", action="store_false", help="skip the adapter file size")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 + 3 steps, seq 64")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model-size", choices=list(MODEL_SIZES), default="small")
+    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup, args.steps, args.infer_steps, args.seq = 1, 2, 3, 3, 64
+    if "floor" not in args.configs:
+        args.configs = ["floor", *args.configs]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    env = environment(args)
+    file_result = None
+    if args.file:
+        spec = {"kind": "file", "lib": "peftkit", "device": "cpu", "model_size": "small", "seed": 0,
+                "threads": args.threads}
+        file_result = {k: v for k, v in run_job(spec).items() if k in ("peftkit", "peft")}
+    rounds = run_rounds(args)
+    path = write_report(args, rounds, env, file_result)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
