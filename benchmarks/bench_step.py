@@ -538,7 +538,8 @@ def plot(report: dict, path: Path) -> None:
                                         for c in configs], fontsize=7)
     ax.set_ylabel("step time / floor (median over rounds)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()]
-    ax.legend(handles, ["reference (no library)", "peft", "peftkit"], fontsize=7, loc="upper left")
+    ax.legend(handles, ["reference (no library)", "peft", "peftkit"], fontsize=7, loc="upper center", ncol=3)
+    ax.set_ylim(0, 1.18 * max(r["x_floor"] for r in report["train"] if r["x_floor"] is not None))
     env, a = report["environment"], report["args"]
     ax.set_title(f"{a['device']} {a['model_size']}, batch {a['batch']}x{a['seq']}, torch {env['torch']}, "
                  f"peft {env['peft']}", fontsize=8)
