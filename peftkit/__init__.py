@@ -17,6 +17,7 @@ from .core.io import AdapterFileError, load, load_weights, save  # noqa: E402
 from .core.layer import AdapterLayer, MergeError  # noqa: E402
 from .core.params import print_summary, trainable_parameters  # noqa: E402
 from .core.registry import config_from_dict, get_method, registered_methods  # noqa: E402
+from .core.schedule import MethodSchedule, schedule_for  # noqa: E402
 from .methods.dora import DoRAConfig  # noqa: E402
 from .methods.ia3 import IA3Config  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
@@ -25,7 +26,7 @@ from .methods.selective import FullFineTuneConfig, HeadOnlyConfig  # noqa: E402
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterLayer", "ConfigError", "DoRAConfig", "FullFineTuneConfig",
-    "HeadOnlyConfig", "IA3Config", "LoRAConfig", "MergeError", "PromptTuningConfig", "apply",
+    "HeadOnlyConfig", "IA3Config", "LoRAConfig", "MergeError", "MethodSchedule", "PromptTuningConfig", "apply",
     "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights", "merge",
-    "print_summary", "registered_methods", "save", "trainable_parameters", "unload", "unmerge",
+    "print_summary", "registered_methods", "save", "schedule_for", "trainable_parameters", "unload", "unmerge",
 ]

@@ -38,6 +38,7 @@ from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import get_module, matches
 from ..core.layer import AdapterLayer
 from ..core.registry import register
+from .lowrank import add_low_rank
 
 
 @dataclass
@@ -245,49 +246,8 @@ class LoRALinear(LoRALayer):
         return self.low_rank(self.dropout(x), y, self.lora_A, self.lora_B)
 
     def low_rank(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """y + s B A x; added into y in place (`LowRankAdd`) when x, y and the factors share a dtype."""
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and y.dtype == torch.get_autocast_dtype(device) and y.is_contiguous():
-            with torch.autocast(device, enabled=False):  # cast once here, as autocast would inside
-                return LowRankAdd.apply(y, x.to(y.dtype), a.to(y.dtype), b.to(y.dtype), self.scaling)
-        if x.dtype == y.dtype == a.dtype and y.is_contiguous() and not torch.is_autocast_enabled(device):
-            return LowRankAdd.apply(y, x, a, b, self.scaling)
-        h = F.linear(x.to(a.dtype), a)  # (..., r)  mixed dtypes (bf16 base, fp32 adapter): out of place
-        return y + F.linear(h, b * self.scaling).to(y.dtype)
-
-
-class LowRankAdd(torch.autograd.Function):
-    """y + s h B^T with h = x A^T, accumulated into the base output y in place.
-
-    Why not `y + F.linear(F.linear(x, A), s B)`: that allocates and re-reads two (tokens, d_out)
-    tensors (the product and the sum) and records four autograd nodes (two of them for the scaling).
-    Here one GEMM accumulates into y (`addmm_`, beta=1, alpha=s), backward saves only x (which the
-    base layer saves anyway) and the small h = x A^T (tokens, r), and passes dL/dy through untouched.
-    y is the first input because autograd requires that of an in-place op on a view (Linear with bias
-    and GPT-2 Conv1D return views). The base output must not be saved by the base's own backward
-    (true for linear layers: they save x and W).
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
-        x2 = x.reshape(-1, x.shape[-1])  # (tokens, d_in)
-        h = x2 @ a.t()  # (tokens, r)
-        y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scaling)  # (tokens, d_out) += s h B^T
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(x, h, a, b)
-        ctx.scaling = scaling
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, h, a, b = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])  # (tokens, d_out)
-        dh = (g2 @ b).mul_(ctx.scaling)  # (tokens, r)
-        dx = (dh @ a).view(x.shape) if ctx.needs_input_grad[1] else None
-        da = dh.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[2] else None  # (r, d_in)
-        # (h^T g)^T, not g^T h: BLAS reads the wide (tokens, d_out) grad faster untransposed (~1.5x at d_out 1024)
-        db = (h.t() @ g2).mul_(ctx.scaling).t() if ctx.needs_input_grad[3] else None  # (d_out, r)
-        return grad, dx, da, db, None
+        """y + s B A x (see `lowrank.add_low_rank`)."""
+        return add_low_rank(y, x, a, b, self.scaling)
 
 
 class LoRAEmbedding(LoRALayer):
