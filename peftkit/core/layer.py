@@ -146,6 +146,13 @@ class AdapterLayer(nn.Module):
         own = dict(self.named_parameters()) | dict(self.named_buffers())
         return {local: own[local].detach() for local in self.peft_names}
 
+    def peft_recreated(self, module_name: str) -> dict[str, torch.Tensor]:
+        """Tensors a Hugging Face peft file may hold for this layer that peftkit re-creates rather than loads
+        (RandLoRA's seeded random bases), by full peft key. Loading a peft file checks the ones present
+        against these values and drops them; a method that writes them on export does so in `peft_state`.
+        """
+        return {}
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (not the base's), by local name."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}

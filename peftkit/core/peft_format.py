@@ -241,6 +241,7 @@ def from_peft_keys(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: s
             else:
                 missing.append(key)
         _check_base_copies(layer, f"{prefix}{name}.base_layer.", left)
+        _check_recreated(layer, name, left)
         derived = [k for k in expected if k.startswith(name + ".") and k[len(name) + 1:] not in layer.peft_names]
         if derived:
             out.update(_derive(layer, name, derived))
@@ -264,6 +265,15 @@ def _check_base_copies(layer: AdapterLayer, prefix: str, left: dict[str, torch.T
         if saved.shape != param.shape or not torch.allclose(saved.to(param.dtype), param.detach(), atol=1e-6):
             raise AdapterFileError(f"the peft adapter carries its own {prefix}{pname} (a changed or resized base "
                                    "layer); peftkit adapters never change base weights, load it with peft")
+
+
+def _check_recreated(layer: AdapterLayer, name: str, left: dict[str, torch.Tensor]) -> None:
+    """Tensors peft saved that the layer re-creates (RandLoRA's bases): equal to peftkit's, then dropped."""
+    for key, value in layer.peft_recreated(name).items():
+        saved = left.pop(key, None)
+        if saved is not None and (saved.shape != value.shape or not torch.equal(saved.to(value), value)):
+            raise AdapterFileError(f"the peft adapter's {key} differs from the tensor peftkit re-creates for {name} "
+                                   f"({type(layer).__name__}: see its method's documentation for how it is drawn)")
 
 
 def _derive(layer: AdapterLayer, name: str, keys: list[str]) -> dict[str, torch.Tensor]:
