@@ -1,0 +1,256 @@
+"""DiffuseKronA: Kronecker-product adapters (Marjit et al., 2024, arXiv:2402.17412).
+
+    y = W0 x + b0 + alpha * (A kron B) x,    A in R^{a1 x a2}, B in R^{b1 x b2},
+    a1 b1 = d_out, a2 b2 = d_in,
+
+with `torch.kron` ordering: (A kron B)[i b1 + l, j b2 + k] = A[i, j] B[l, k]. Trainable per layer:
+a1 a2 + b1 b2, while rank(A kron B) = rank(A) rank(B) can reach min(d_in, d_out): a full-rank update
+for a few hundred parameters where LoRA of that rank needs r (d_in + d_out).
+
+Init (the reference code): A ~ N(0, 1/a1^2), B = 0, so the model is unchanged at init.
+
+Forward without forming the (d_out, d_in) product (`KronAdd`): per token, X = x.reshape(a2, b2)
+(row-major), Y = A X B^T (a1, b1), delta_y = alpha * Y.reshape(d_out), added into the base output in
+place; backward saves only x (which the base layer keeps anyway) and the two factors.
+
+Choices:
+
+* Row order. The reference's 3-D path reshapes x as (b2, a2) and returns rows in (b1, a1) order, i.e.
+  a fixed row permutation of (A kron B) x (methods.md 2.9, checked there numerically). Here the
+  ordering is plain `torch.kron`, so `delta_weight()` is exactly `alpha * torch.kron(A, B)` and peft's
+  LoKr (w1 kron w2) holds the same tensors.
+* Factor sizes. The reference uses a1=64, a2=8 on Stable Diffusion's UNet, which does not divide most
+  language-model widths. By default (a1, a2 unset) each is picked per layer from its dimension by
+  LyCORIS / peft LoKr's `factorization(d, factor)`: factor=-1, the largest divisor <= sqrt(d) (A gets
+  the smaller factor, B the larger; 384 -> 16 x 24, 1024 -> 32 x 32); factor=f > 0, f itself when it
+  divides d, else the largest divisor <= min(f, sqrt(d)). Setting a1 / a2 fixes them for every layer;
+  one that does not divide a layer's dimension raises a ConfigError at apply time.
+* Scale. `alpha` multiplies the update (the reference's optional network_alpha, unused by default: 1).
+
+peft interop: a LoKr adapter (peft_type "LOKR") with undecomposed w1, w2 of these shapes is the same
+update with scaling alpha_peft / r_peft; this module reads such files (w1 -> A, w2 -> B) and exports to
+them when a single peft `decompose_factor` reproduces every layer's factor shapes (nn.Linear only: peft's
+LoKr has no GPT-2 Conv1D layer). peft decomposes w2 into two low-rank factors when r < max(b1, b2) / 2;
+such files do not fit a DiffuseKronA layer and are refused with the missing / unexpected keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..core import peft_format, weights
+from ..core.apply import get_state
+from ..core.config import AdapterConfig, ConfigError
+from ..core.inject import get_module
+from ..core.layer import AdapterLayer
+from ..core.registry import register
+from .lora import adapter_dtype
+
+
+def factor_pair(dim: int, factor: int = -1) -> tuple[int, int]:
+    """(m, dim // m) as LyCORIS / peft LoKr's `factorization(dim, factor)` picks it (see module docstring)."""
+    if factor > 0 and dim % factor == 0:
+        return factor, dim // factor
+    limit = math.isqrt(dim) if factor < 0 else min(factor, math.isqrt(dim))
+    m = max(d for d in range(1, limit + 1) if dim % d == 0)
+    return m, dim // m
+
+
+@dataclass
+class DiffuseKronAConfig(AdapterConfig):
+    """DiffuseKronA: a Kronecker product of two small trainable factors as the weight update."""
+
+    method = "diffusekrona"
+    paper: ClassVar[str] = "Marjit et al. 2024, arXiv:2402.17412"
+    trainable: ClassVar[str] = "a1 a2 + b1 b2 per layer (a1 b1 = d_out, a2 b2 = d_in)"
+
+    targets: str | list[str] | None = "all-linear"
+    """Modules to adapt (see AdapterConfig.targets); linear layers (nn.Linear, GPT-2 Conv1D) only."""
+
+    a1: int | None = None
+    """Rows of A, dividing every adapted d_out (the reference's rank[0], 64 on SD); None: from `factor`."""
+
+    a2: int | None = None
+    """Columns of A, dividing every adapted d_in (the reference's rank[1], 8 on SD); None: from `factor`."""
+
+    factor: int = -1
+    """How unset a1 / a2 are chosen per layer: -1, the divisor of the dimension closest to (at most)
+    its square root; f > 0, f when it divides the dimension (else the largest divisor <= min(f, sqrt))."""
+
+    alpha: float = 1.0
+    """Scale of the update: delta W = alpha * (A kron B)."""
+
+    def validate(self) -> None:
+        for name in ("a1", "a2"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"DiffuseKronA {name} must be a positive integer or None (picked from `factor`), "
+                                  f"got {value!r}")
+        if not isinstance(self.factor, int) or (self.factor < 1 and self.factor != -1):
+            raise ConfigError(f"DiffuseKronA factor must be -1 (closest to the square root) or a positive integer, "
+                              f"got {self.factor!r}")
+
+    def shapes_for(self, d_out: int, d_in: int) -> tuple[int, int]:
+        """(a1, a2) of a (d_out, d_in) layer."""
+        a1 = self.a1 if self.a1 is not None else factor_pair(d_out, self.factor)[0]
+        a2 = self.a2 if self.a2 is not None else factor_pair(d_in, self.factor)[0]
+        return a1, a2
+
+    # --- Hugging Face peft interop: LoKr with full w1, w2 (key names live in core/peft_format.py) ---
+    peft_type: ClassVar[str] = "LOKR"
+
+    def to_peft_config(self, model: nn.Module) -> dict:
+        """peft's LoKrConfig for this adapter: a decompose_factor that gives every layer's shapes, an r at
+        which peft keeps w2 whole (r >= max(b1, b2) / 2) and alpha_peft = alpha * r (peft scales by alpha / r)."""
+        names = get_state(model).adapted
+        layers = [get_module(model, n) for n in names]
+        if any(weights.layer_kind(layer.base) != "linear" for layer in layers):
+            raise ConfigError("peft's LoKr adapts nn.Linear but not GPT-2 Conv1D layers; save this adapter with "
+                              "format='peftkit'")
+        factor = _peft_factor(self, layers)
+        r = max(max(-(-max(layer.kron_B.shape) // 2), 1) for layer in layers)
+        return {
+            **peft_format.common_fields(model, self, self.peft_type),
+            "target_modules": peft_format.target_modules(model, names), "exclude_modules": None,
+            "r": r, "alpha": self.alpha * r, "decompose_factor": factor, "decompose_both": False,
+            "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
+            "init_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None, "layers_pattern": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> DiffuseKronAConfig:
+        """The config for a peft LoKrConfig dict whose w1, w2 are whole (the factor shapes follow decompose_factor)."""
+        peft_format.check_fields(data, cls, PEFT_FIELDS, PEFT_INERT)
+        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
+                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
+                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+                   factor=data.get("decompose_factor", -1), alpha=data.get("alpha", 8) / data.get("r", 8))
+
+
+PEFT_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+               "r", "alpha", "decompose_factor", "init_weights")
+"""peft LoKrConfig fields peftkit reads (init_weights only changes a fresh init)."""
+
+PEFT_INERT = {"rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "decompose_both": False,
+              "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}}
+"""peft LoKrConfig fields peftkit accepts only at their default (shown)."""
+
+
+def _peft_factor(cfg: DiffuseKronAConfig, layers: list[KroneckerLinear]) -> int:
+    """A peft decompose_factor under which `factorization` gives every layer's (a1, a2)."""
+    candidates = [cfg.factor] + ([cfg.a1] if cfg.a1 is not None and cfg.a1 == cfg.a2 else [])
+    for factor in candidates:
+        if all(factor_pair(layer.d_out, factor)[0] == layer.kron_A.shape[0]
+               and factor_pair(layer.d_in, factor)[0] == layer.kron_A.shape[1] for layer in layers):
+            return factor
+    raise ConfigError(f"no single peft decompose_factor gives these factor shapes (a1={cfg.a1}, a2={cfg.a2}); peft's "
+                      "LoKr can express a1 == a2, or shapes picked by `factor`. Save with format='peftkit'")
+
+
+class KronAdd(torch.autograd.Function):
+    """y += s (A kron B) x, computed per token as s A X B^T and added into the base output y in place.
+
+    The factors' middle-axis products run as plain GEMMs over all tokens (a transposed copy of one
+    x-sized tensor each); backward recomputes Z = X B^T rather than saving it. Math in the factors'
+    dtype; y keeps its own (a bf16 base with fp32 factors is fine).
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        xs = x.reshape(-1, a2, b2).to(a.dtype)  # (tokens, a2, b2)
+        tokens = xs.shape[0]
+        zt = _middle_first(xs.reshape(-1, b2) @ b.t(), tokens, a2, b1)  # Z = X B^T as (a2, tokens b1)
+        out = (a @ zt).view(a1, tokens, b1).transpose(0, 1)  # (tokens, a1, b1)
+        y.view(tokens, a1, b1).add_(out.to(y.dtype), alpha=scaling)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, a, b)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, a, b = ctx.saved_tensors
+        (a1, a2), (b1, b2) = a.shape, b.shape
+        g = grad.reshape(-1, a1, b1).to(a.dtype)  # (tokens, a1, b1)
+        tokens = g.shape[0]
+        gt = _middle_first(g, tokens, a1, b1)  # (a1, tokens b1)
+        h = (a.t() @ gt).view(a2, tokens, b1).transpose(0, 1).reshape(-1, b1)  # H = A^T G per token, (tokens a2, b1)
+        xs = x.reshape(-1, b2).to(a.dtype)  # (tokens a2, b2)
+        dx = (h @ b).mul_(ctx.scaling).view(x.shape).to(x.dtype) if ctx.needs_input_grad[1] else None
+        db = (h.t() @ xs).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # (b1, b2)
+        da = None
+        if ctx.needs_input_grad[2]:
+            zt = _middle_first(xs @ b.t(), tokens, a2, b1)  # (a2, tokens b1)
+            da = (gt @ zt.t()).mul_(ctx.scaling)  # (a1, a2)
+        return grad, dx, da, db, None
+
+
+def _middle_first(t: torch.Tensor, tokens: int, rows: int, cols: int) -> torch.Tensor:
+    """(tokens, rows, cols) data as (rows, tokens cols), so one GEMM applies a factor to every token."""
+    return t.reshape(tokens, rows, cols).transpose(0, 1).reshape(rows, tokens * cols)
+
+
+def add_kron(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y + s (A kron B) x for a base output y (..., d_out) and input x (..., d_in)."""
+    device = x.device.type
+    if not y.is_contiguous():
+        y = y.contiguous()
+    if torch.is_autocast_enabled(device):  # the small GEMMs run in the factors' dtype, autocast off
+        with torch.autocast(device, enabled=False):
+            return KronAdd.apply(y, x, a, b, scaling)
+    return KronAdd.apply(y, x, a, b, scaling)
+
+
+class KroneckerLinear(AdapterLayer):
+    """DiffuseKronA on nn.Linear and GPT-2 Conv1D."""
+
+    peft_names = {"kron_A": "lokr_w1", "kron_B": "lokr_w2"}
+
+    def __init__(self, base: nn.Module, a1: int, a2: int, alpha: float, name: str = "") -> None:
+        super().__init__(base)
+        w = weights.get_weight(base)
+        self.d_out, self.d_in = w.shape
+        if self.d_out % a1 or self.d_in % a2:
+            raise ConfigError(
+                f"DiffuseKronA factors a1={a1}, a2={a2} do not divide {name or 'the layer'}'s (d_out, d_in) = "
+                f"({self.d_out}, {self.d_in}); a1 must divide d_out and a2 d_in (divisors of d_out: "
+                f"{_divisors(self.d_out)}; of d_in: {_divisors(self.d_in)}), or leave a1 / a2 unset to pick them "
+                "per layer from `factor`")
+        self.scaling = alpha
+        kw = {"device": w.device, "dtype": adapter_dtype(w)}
+        self.kron_A = nn.Parameter(torch.zeros(a1, a2, **kw))
+        self.kron_B = nn.Parameter(torch.zeros(self.d_out // a1, self.d_in // a2, **kw))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            nn.init.normal_(self.kron_A, std=1.0 / self.kron_A.shape[0])
+            nn.init.zeros_(self.kron_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * torch.kron(self.kron_A, self.kron_B)
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return add_kron(y, x, self.kron_A, self.kron_B, self.scaling)
+
+    def extra_repr(self) -> str:
+        return f"A={tuple(self.kron_A.shape)}, B={tuple(self.kron_B.shape)}, alpha={self.scaling:g}"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@register(DiffuseKronAConfig)
+def build(module: nn.Module, cfg: DiffuseKronAConfig, name: str) -> KroneckerLinear | None:
+    """DiffuseKronA wraps linear layers only; other matched modules are left alone."""
+    if not weights.is_linear(module):
+        return None
+    d_in, d_out = weights.in_out_features(module)
+    return KroneckerLinear(module, *cfg.shapes_for(d_out, d_in), cfg.alpha, name)
