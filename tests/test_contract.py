@@ -20,6 +20,15 @@ import peftkit
 from peftkit.core import weights
 from peftkit.core.apply import get_state
 from peftkit.core.inject import find_targets
+from peftkit.methods.difffit import DiffFitConfig
+from peftkit.methods.dsee import DSEEConfig
+from peftkit.methods.kronecker import DiffuseKronAConfig
+from peftkit.methods.loldu import LoLDUConfig
+from peftkit.methods.pego import PEGOConfig
+from peftkit.methods.randlora import RandLoRAConfig
+from peftkit.methods.selective import BitFitConfig, LNTuningConfig
+from peftkit.methods.ssf import SSFConfig
+from peftkit.methods.svfit import SVFitConfig
 
 from tiny_models import MODELS, example_inputs, output_of
 
@@ -53,6 +62,101 @@ def ia3_count(model, cfg) -> int:
     return total
 
 
+def svfit_count(model, cfg) -> int:
+    """r per layer; with r=None the smallest r whose top singular values hold `energy` of sum s^2."""
+    total = 0
+    for m in _adapted(model, cfg):
+        s2 = torch.linalg.svdvals(weights.get_weight(m).double()).pow(2)
+        total += cfg.r or next(i + 1 for i in range(len(s2)) if s2[: i + 1].sum() >= cfg.energy * s2.sum() - 1e-12)
+    return total
+
+
+def loldu_count(model, cfg) -> int:
+    """r per layer (full rank min(d_in, d_out) with r=None), plus the scale with train_scale."""
+    return sum((cfg.r or min(weights.get_weight(m).shape)) + cfg.train_scale for m in _adapted(model, cfg))
+
+
+def _channels(m) -> int | None:
+    """Output channels of an SSF insertion point (None: not a supported module)."""
+    if isinstance(m, nn.Embedding):
+        return m.embedding_dim
+    if isinstance(m, nn.Conv2d):
+        return m.out_channels
+    if weights.is_linear(m):
+        return weights.in_out_features(m)[1]
+    w = getattr(m, "weight", None)  # LayerNorm / RMSNorm
+    return w.numel() if isinstance(w, torch.Tensor) and w.ndim == 1 else None
+
+
+def ssf_count(model, cfg) -> int:
+    """2 x channels per insertion point with a bias; 1 x without one unless bias_free_shift."""
+    total = 0
+    for m in _adapted(model, cfg):
+        channels = _channels(m)
+        if channels is not None:
+            total += channels * (2 if getattr(m, "bias", None) is not None or cfg.bias_free_shift else 1)
+    return total
+
+
+def _outside_heads(model) -> list[tuple[str, nn.Module]]:
+    from peftkit.core.inject import head_module_names
+
+    heads = head_module_names(model)
+    return [(n, m) for n, m in model.named_modules() if not any(n == h or n.startswith(h + ".") for h in heads)]
+
+
+def _biases(model) -> list[nn.Parameter]:
+    return [m.bias for _, m in _outside_heads(model) if isinstance(getattr(m, "bias", None), nn.Parameter)]
+
+
+def _norm_parameters(model) -> list[nn.Parameter]:
+    norms = [m for _, m in _outside_heads(model) if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
+    return [p for m in norms for p in m.parameters()]
+
+
+def bias_count(model, cfg) -> int:
+    """Every bias outside the head."""
+    return sum(p.numel() for p in _biases(model))
+
+
+def norm_count(model, cfg) -> int:
+    """Every LayerNorm / RMSNorm parameter outside the head."""
+    return sum(p.numel() for p in _norm_parameters(model))
+
+
+def difffit_count(model, cfg) -> int:
+    """Biases and norm parameters (a LayerNorm's bias once) + 1 (or d_out) per scaled branch."""
+    scales = sum(_channels(m) if cfg.per_channel else 1 for m in _adapted(model, cfg))
+    return sum(p.numel() for p in {id(p): p for p in _biases(model) + _norm_parameters(model)}.values()) + scales
+
+
+def randlora_count(model, cfg) -> int:
+    """N (r + d_min) per layer, N = ceil(d_min / r)."""
+    total = 0
+    for m in _adapted(model, cfg):
+        d_min = min(weights.get_weight(m).shape)
+        total += -(-d_min // cfg.r) * (cfg.r + d_min)
+    return total
+
+
+def kron_count(model, cfg) -> int:
+    """a1 a2 + b1 b2 per layer (a1 b1 = d_out, a2 b2 = d_in)."""
+    total = 0
+    for m in _adapted(model, cfg):
+        d_out, d_in = weights.get_weight(m).shape
+        a1, a2 = cfg.shapes_for(d_out, d_in)
+        total += a1 * a2 + (d_out // a1) * (d_in // a2)
+    return total
+
+
+def dsee_count(model, cfg) -> int:
+    return sum(cfg.r * sum(weights.in_out_features(m)) + cfg.num_sparse for m in _adapted(model, cfg))
+
+
+def pego_count(model, cfg) -> int:
+    return sum(cfg.num_modules * cfg.r * sum(weights.in_out_features(m)) for m in _adapted(model, cfg))
+
+
 def prompt_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
@@ -79,7 +183,7 @@ class Row:
     mergeable: bool = True
     can_disable: bool = True
     trains_base: bool = False
-    """Selection methods train base weights in place: unload keeps them (no original to restore)."""
+    """The method keeps no copy of the base weights it trains (full fine-tuning): unload keeps them."""
     atol: float = 1e-5
     bf16: bool = True
     id: str = ""
@@ -103,9 +207,33 @@ ROWS = [
     *[Row(lambda: peftkit.IA3Config(), m, ia3_count) for m in LLM],
     *[Row(lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3), m, prompt_count, identity_at_init=False,
           mergeable=False) for m in LLM],
+    *[Row(lambda: SVFitConfig(r=4), m, svfit_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: SVFitConfig(energy=0.9), "llama", svfit_count, id="svfit-energy"),
+    *[Row(lambda: LoLDUConfig(r=4, alpha=4), m, loldu_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: LoLDUConfig(train_scale=True, init="normal"), "gpt2", loldu_count, id="loldu-fullrank-scale"),
+    *[Row(lambda: DSEEConfig(r=4, num_sparse=8), m, dsee_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: DSEEConfig(r=2, num_sparse=5, support="svd", targets=["c_attn"]), "gpt2", dsee_count, id="dsee-svd"),
+    *[Row(lambda: PEGOConfig(r=2, num_modules=3, alpha=4.0), m, pego_count) for m in ("mlp", "llama", "gpt2")],
+    *[Row(lambda: SSFConfig(init_std=0.0), m, ssf_count) for m in ("mlp", *LLM)],
+    Row(lambda: SSFConfig(init_std=0.0, targets=["conv1", "conv2"]), "cnn", ssf_count),
+    Row(lambda: SSFConfig(), "bert", ssf_count, identity_at_init=False, id="ssf-paper-init"),
+    Row(lambda: SSFConfig(init_std=0.0, targets=["input-embeddings", "all-norms", "q_proj"], bias_free_shift=True),
+        "llama", ssf_count, mergeable=False, id="ssf-llama-shift-everywhere"),
+    *[Row(lambda: DiffFitConfig(), m, difffit_count) for m in LLM],
+    Row(lambda: DiffFitConfig(targets=["fc2"], per_channel=True), "mlp", difffit_count),
+    Row(lambda: DiffFitConfig(targets=["conv2"]), "cnn", difffit_count),
+    Row(lambda: DiffFitConfig(per_channel=True, layers=[1]), "gpt2", difffit_count, id="difffit-vector-layers"),
+    *[Row(lambda: BitFitConfig(), m, bias_count) for m in ("mlp", "bert", "gpt2", "cnn")],
+    *[Row(lambda: LNTuningConfig(), m, norm_count) for m in LLM],
+    *[Row(lambda: RandLoRAConfig(r=4, alpha=8), m, randlora_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: RandLoRAConfig(r=3, alpha=6, bases="sparse", targets=["q_proj", "down_proj"]), "llama",
+        randlora_count, id="randlora-sparse"),
+    *[Row(lambda: DiffuseKronAConfig(alpha=2.0), m, kron_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: DiffuseKronAConfig(a1=4, a2=2, targets=["q_proj", "up_proj"]), "llama", kron_count,
+        id="diffusekrona-fixed-factors"),
     *[Row(lambda: peftkit.FullFineTuneConfig(), m, full_count, can_disable=False, trains_base=True)
       for m in ("mlp", "llama")],
-    *[Row(lambda: peftkit.HeadOnlyConfig(), m, head_count, trains_base=True) for m in ("mlp", "bert", "cnn", "gpt2")],
+    *[Row(lambda: peftkit.HeadOnlyConfig(), m, head_count) for m in ("mlp", "bert", "cnn", "gpt2")],
 ]
 
 

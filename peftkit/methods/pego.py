@@ -1,0 +1,195 @@
+"""PEGO: a group of LoRA modules with orthogonal regularization (Hu, Zhang, Qi, Shi, Gao, 2024, arXiv:2407.15085).
+
+N parallel LoRA modules per adapted projection, and an L1 penalty that keeps each update orthogonal to
+the pretrained weight ("preserve") and to the other modules' updates ("diversify"):
+
+    y = W x + b + sum_i Delta W_i x,      Delta W_i = s B_i A_i,   A_i (r, d_in), B_i (d_out, r),
+    L = task loss + lambda sum_layers sum_i [ |W Delta W_i^T|_1 + sum_{j>i} |Delta W_i Delta W_j^T|_1 ].
+
+The group is stored and run as ONE stacked rank-N r LoRA: A = [A_1; ...; A_N] (N r, d_in) and
+B = [B_1, ..., B_N] (d_out, N r), so sum_i B_i A_i x = B A x is one call of the shared low-rank kernel
+and merging folds W + s B A. Init as the reference: each A_i ~ kaiming_uniform(a=sqrt(5)) (the stacked
+A draws from the same distribution), B = 0, so the model and the penalty are unchanged/zero at init.
+Trainable parameters per layer: N r (d_in + d_out).
+
+Scaling: the reference adds sum_i B_i A_i unscaled; `alpha=None` (default) does the same (s = 1), a
+number gives s = alpha / r like LoRA. The penalty is taken on the update as applied, Delta W_i = s B_i A_i.
+
+The penalty never forms a weight-sized product of parameters with autograd attached. Each term is the
+L1 norm of a thin product X Y^T (d_out, d_out) with X, Y (d_out, r):
+
+    W Delta W_i^T          = (s W A_i^T) B_i^T,           X = s W A_i^T,        Y = B_i
+    Delta W_i Delta W_j^T  = B_i (s^2 A_i A_j^T) B_j^T,   X = B_i (s^2 A_i A_j^T),  Y = B_j
+
+`L1OfProducts` computes all N (N + 1) / 2 terms of a layer in chunks, and their gradients in the same
+pass (dX = sign(P) Y, dY = sign(P)^T X, and |P|_1 = <dX, X>), saving only the (T, d_out, r) gradients
+for backward: no (d_out, d_out) tensor outlives the call. Its cost, about 4 passes over N (N + 1) / 2
+d_out^2 floats per layer and step, is not small when d_out is large: `penalty_every=k` evaluates the
+penalty on every k-th step only, weighted by k (same average gradient). The penalty enters training through
+the method schedule (`PEGOSchedule.extra_loss`, core/schedule.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..core import weights
+from ..core.config import AdapterConfig, ConfigError
+from ..core.layer import adapter_layers
+from ..core.registry import register
+from ..core.schedule import MethodSchedule, register_schedule
+from .lora import LoRALinear
+
+CHUNK_ELEMENTS = 1 << 20
+"""Most (d_out, d_out) product entries materialised at once by the penalty (4 MiB in fp32)."""
+
+
+@dataclass
+class PEGOConfig(AdapterConfig):
+    """A group of N LoRA modules per projection plus the orthogonality penalty."""
+
+    method = "pego"
+    paper: ClassVar[str] = "Hu et al. 2024, arXiv:2407.15085"
+    trainable: ClassVar[str] = "num_modules r (d_in + d_out) per layer"
+
+    targets: str | list[str] | None = "all-linear"
+    """Modules to adapt (see AdapterConfig.targets); the paper adapts the query and value projections."""
+
+    r: int = 4
+    """Rank of each LoRA module of the group (the reference's 4)."""
+
+    num_modules: int = 4
+    """N: LoRA modules per adapted projection (the reference uses 2 on PACS, 4 elsewhere)."""
+
+    alpha: float | None = None
+    """Scale numerator: the group's update is multiplied by alpha / r; None: scale 1, as the reference."""
+
+    ortho_lambda: float = 1e-3
+    """lambda: weight of the orthogonality penalty in the loss (the reference's `ld`)."""
+
+    penalty_every: int = 1
+    """Evaluate the penalty on every k-th optimizer step only, weighted by k (1: every step, as the paper)."""
+
+    def validate(self) -> None:
+        for name in ("r", "num_modules", "penalty_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"PEGO {name} must be a positive integer, got {value!r}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ConfigError(f"alpha must be positive or None (scale 1), got {self.alpha}")
+        if self.ortho_lambda < 0:
+            raise ConfigError(f"ortho_lambda must be >= 0, got {self.ortho_lambda}")
+
+    @property
+    def scaling(self) -> float:
+        """s: alpha / r, or 1 when alpha is None."""
+        return 1.0 if self.alpha is None else self.alpha / self.r
+
+
+class PEGOLinear(LoRALinear):
+    """A PEGO group on nn.Linear or GPT-2 Conv1D, stored as one rank-N r LoRA (module i: rows i r..(i+1) r)."""
+
+    peft_names: dict[str, str] = {}  # Hugging Face peft has no PEGO: no export
+
+    def __init__(self, base: nn.Module, cfg: PEGOConfig) -> None:
+        d_in, d_out = weights.in_out_features(base)
+        total = cfg.num_modules * cfg.r
+        if total > min(d_in, d_out):
+            raise ConfigError(f"PEGO's group rank num_modules * r = {total} exceeds the layer's min(d_in, d_out) = "
+                              f"{min(d_in, d_out)}; lower r or num_modules")
+        super().__init__(base, total, cfg.scaling, 0.0, "kaiming")
+        self.num_modules, self.module_rank = cfg.num_modules, cfg.r
+
+    def extra_repr(self) -> str:
+        return f"num_modules={self.num_modules}, r={self.module_rank}, scaling={self.scaling:g}"
+
+    def penalty_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, Y), each (T, d_out, r): the layer's penalty is sum_t |X_t Y_t^T|_1 (module docstring)."""
+        n, r, s = self.num_modules, self.module_rank, self.scaling
+        a, b = self.lora_A, self.lora_B  # (n r, d_in), (d_out, n r)
+        w = weights.get_weight(self.base).to(a.dtype)  # (d_out, d_in), frozen
+        b_i = b.view(b.shape[0], n, r).transpose(0, 1)  # (n, d_out, r)
+        w_a = (s * (w @ a.T)).view(b.shape[0], n, r).transpose(0, 1)  # (n, d_out, r): s W A_i^T
+        first, second = torch.triu_indices(n, n, offset=1, device=a.device)  # the pairs i < j
+        gram = (s * s * (a @ a.T)).view(n, r, n, r).transpose(1, 2)  # (n, n, r, r): s^2 A_i A_j^T
+        x = torch.cat([w_a, torch.bmm(b_i[first], gram[first, second])])
+        y = torch.cat([b_i, b_i[second]])
+        return x, y
+
+
+class L1OfProducts(torch.autograd.Function):
+    """sum_t |X_t Y_t^T|_1 for X (T, m, r), Y (T, n, r), with its gradient computed in the forward pass.
+
+    The products are formed a chunk of terms at a time (at most CHUNK_ELEMENTS entries) and dropped;
+    backward only scales the saved (T, m, r) and (T, n, r) gradients. The subgradient of |.| at 0 is 0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor):
+        grad_x, grad_y = torch.empty_like(x), torch.empty_like(y)
+        per_chunk = max(1, CHUNK_ELEMENTS // (x.shape[1] * y.shape[1]))
+        with torch.autocast(x.device.type, enabled=False):  # the sign pattern needs full precision
+            for start in range(0, x.shape[0], per_chunk):
+                part = slice(start, start + per_chunk)
+                sign = torch.bmm(x[part], y[part].transpose(1, 2)).sign_()  # (t, m, n)
+                torch.bmm(sign, y[part], out=grad_x[part])
+                torch.bmm(sign.transpose(1, 2), x[part], out=grad_y[part])
+        ctx.save_for_backward(grad_x, grad_y)
+        return (grad_x * x).sum()  # <sign(P) Y, X> = <sign(P), X Y^T> = |P|_1
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_y = ctx.saved_tensors
+        return grad * grad_x, grad * grad_y
+
+
+def layer_penalty(layer: PEGOLinear) -> torch.Tensor:
+    """|W Delta W_i^T|_1 + sum_{j>i} |Delta W_i Delta W_j^T|_1 over the layer's group."""
+    return L1OfProducts.apply(*layer.penalty_factors())
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """The un-weighted PEGO penalty summed over every PEGO layer of the model."""
+    layers = [m for m in adapter_layers(model).values() if isinstance(m, PEGOLinear)]
+    if not layers:
+        raise ConfigError("the model has no PEGO layers; apply a PEGOConfig first")
+    return torch.stack([layer_penalty(layer) for layer in layers]).sum()
+
+
+class PEGOSchedule(MethodSchedule):
+    """Adds lambda * penalty to the loss (every `penalty_every`-th step, weighted by it)."""
+
+    def __init__(self, model: nn.Module, cfg: PEGOConfig) -> None:
+        super().__init__(model)
+        self.weight, self.every = cfg.ortho_lambda, cfg.penalty_every
+        self.steps_done = 0
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self.weight == 0 or self.steps_done % self.every != 0:
+            return None
+        return (self.weight * self.every) * orthogonality_penalty(model)
+
+    def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        self.steps_done = step
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+
+
+@register_schedule(PEGOConfig)
+def make_schedule(model: nn.Module, cfg: PEGOConfig, total_steps: int | None) -> PEGOSchedule:
+    """The per-step work of PEGO: its orthogonality penalty."""
+    return PEGOSchedule(model, cfg)
+
+
+@register(PEGOConfig)
+def build(module: nn.Module, cfg: PEGOConfig, name: str) -> PEGOLinear | None:
+    """PEGO wraps linear layers (nn.Linear, GPT-2 Conv1D); other matched modules are left alone."""
+    return PEGOLinear(module, cfg) if weights.is_linear(module) else None
