@@ -233,7 +233,7 @@ def test_corrupt_config(peft_dir):
     ({"lora_rnak": 4}, r"field\(s\) \['lora_rnak'\] that peftkit does not know for LORA; known fields: .*lora_alpha"),
     ({"bias": "all"}, "cannot express peft's bias='all'"),
     ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4'"),
-    ({"peft_type": "BOFT"}, "peft_type 'BOFT'; supported peft types: IA3, LORA, PROMPT_TUNING"),
+    ({"peft_type": "BOFT"}, "peft_type 'BOFT'; supported peft types: (.*, )?IA3, (.*, )?LORA, (.*, )?PROMPT_TUNING"),
     ({"r": 4}, "shapes do not fit"),
 ])
 def test_bad_config(peft_dir, changes, match):
