@@ -20,9 +20,11 @@ import peftkit
 from peftkit.core import weights
 from peftkit.core.apply import get_state
 from peftkit.core.inject import find_targets
+from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.difffit import DiffFitConfig
 from peftkit.methods.dsee import DSEEConfig
 from peftkit.methods.kronecker import DiffuseKronAConfig
+from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.loldu import LoLDUConfig
 from peftkit.methods.pego import PEGOConfig
 from peftkit.methods.randlora import RandLoRAConfig
@@ -157,6 +159,16 @@ def pego_count(model, cfg) -> int:
     return sum(cfg.num_modules * cfg.r * sum(weights.in_out_features(m)) for m in _adapted(model, cfg))
 
 
+def bottleneck_count(model, cfg) -> int:
+    d, m = model.config.hidden_size, cfg.bottleneck  # every default target is d wide in and out
+    return len(find_targets(model, cfg)) * (2 * d * m + m + d)
+
+
+def llama_adapter_count(model, cfg) -> int:
+    layers = cfg.adapter_layers or model.config.num_hidden_layers
+    return layers * (cfg.adapter_len * model.config.hidden_size + 1)
+
+
 def prompt_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
@@ -231,6 +243,12 @@ ROWS = [
     *[Row(lambda: DiffuseKronAConfig(alpha=2.0), m, kron_count) for m in ("mlp", "llama", "gpt2")],
     Row(lambda: DiffuseKronAConfig(a1=4, a2=2, targets=["q_proj", "up_proj"]), "llama", kron_count,
         id="diffusekrona-fixed-factors"),
+    *[Row(lambda k=k: BottleneckConfig(kind=k, bottleneck=4), m, bottleneck_count, mergeable=False,
+          id=f"adapter-{k}-{m}") for k in ("houlsby", "pfeiffer", "parallel") for m in LLM
+      if (k, m) != ("parallel", "bert")],  # BERT's feed-forward has no single module to run alongside
+    Row(lambda: BottleneckConfig(kind="parallel", bottleneck=4, activation="silu", scaling=2.0, layers=[1]), "llama",
+        bottleneck_count, mergeable=False, id="adapter-parallel-silu-layers"),
+    Row(lambda: LlamaAdapterConfig(adapter_len=3, adapter_layers=1), "llama", llama_adapter_count, mergeable=False),
     *[Row(lambda: peftkit.FullFineTuneConfig(), m, full_count, can_disable=False, trains_base=True)
       for m in ("mlp", "llama")],
     *[Row(lambda: peftkit.HeadOnlyConfig(), m, head_count) for m in ("mlp", "bert", "cnn", "gpt2")],
