@@ -56,6 +56,14 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_vit(seed: int = 0):
+    """peftkit's ViT (timm names: blocks.{i}.attn.qkv/proj, mlp.fc1/fc2, norm1/2, patch_embed.proj, head)."""
+    from peftkit.train.vision import VisionConfig, ViT
+
+    torch.manual_seed(seed)
+    return ViT(VisionConfig(patch_size=7, dim=16, depth=2, heads=2, num_classes=4)).eval()
+
+
 def mlp(seed: int = 0):
     torch.manual_seed(seed)
     return MLP().eval()
@@ -66,7 +74,7 @@ def cnn(seed: int = 0):
     return SmallCNN().eval()
 
 
-MODELS = {"mlp": mlp, "llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2, "cnn": cnn}
+MODELS = {"mlp": mlp, "llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2, "cnn": cnn, "vit": tiny_vit}
 
 
 def example_inputs(kind: str, batch: int = 2, seq: int = 6, seed: int = 1) -> dict:
@@ -76,6 +84,8 @@ def example_inputs(kind: str, batch: int = 2, seq: int = 6, seed: int = 1) -> di
         return {"x": torch.randn(batch, 16, generator=g)}
     if kind == "cnn":
         return {"x": torch.randn(batch, 1, 8, 8, generator=g)}
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 1, 28, 28, generator=g)}
     ids = torch.randint(0, 100, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
