@@ -20,9 +20,12 @@ import peftkit
 from peftkit.core import weights
 from peftkit.core.apply import get_state
 from peftkit.core.inject import find_targets
+from peftkit.methods.adalora import AdaLoRAConfig
+from peftkit.methods.bone import BoneConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.difffit import DiffFitConfig
 from peftkit.methods.dsee import DSEEConfig
+from peftkit.methods.hydra import HydraConfig
 from peftkit.methods.kronecker import DiffuseKronAConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.loldu import LoLDUConfig
@@ -169,6 +172,23 @@ def llama_adapter_count(model, cfg) -> int:
     return layers * (cfg.adapter_len * model.config.hidden_size + 1)
 
 
+def bone_count(model, cfg) -> int:
+    return sum(weights.in_out_features(m)[1] * cfg.r for m in _adapted(model, cfg))
+
+
+def hydra_count(model, cfg) -> int:
+    r, r_s, total = cfg.r, cfg.seq_r or cfg.r, 0
+    for m in _adapted(model, cfg):
+        d_in, d_out = weights.in_out_features(m)
+        total += r * (d_in + d_out) + 2 * r_s * d_out
+        total += (r + r_s + 2 * d_out) if weights.get_bias(m) is not None else 0  # branch biases a, c
+    return total
+
+
+def adalora_count(model, cfg) -> int:
+    return sum(cfg.init_r * (sum(weights.in_out_features(m)) + 1) for m in _adapted(model, cfg))
+
+
 def prompt_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
@@ -243,6 +263,12 @@ ROWS = [
     *[Row(lambda: DiffuseKronAConfig(alpha=2.0), m, kron_count) for m in ("mlp", "llama", "gpt2")],
     Row(lambda: DiffuseKronAConfig(a1=4, a2=2, targets=["q_proj", "up_proj"]), "llama", kron_count,
         id="diffusekrona-fixed-factors"),
+    *[Row(lambda r=r: BoneConfig(r=r), m, bone_count)
+      for m, r in (("mlp", 4), ("llama", 8), ("gpt2", 8), ("bert", 8))],  # r divides every adapted shape
+    Row(lambda: BoneConfig(r=16, targets=["q_proj", "down_proj"], layers=[0]), "llama", bone_count,
+        id="bone-r16-layers"),
+    *[Row(lambda: HydraConfig(r=2, seq_r=3, scaling=0.5), m, hydra_count) for m in ("mlp", *LLM)],
+    Row(lambda: HydraConfig(r=2, dropout=0.2, targets="all-linear"), "gpt2", hydra_count, id="hydra-dropout-all"),
     *[Row(lambda k=k: BottleneckConfig(kind=k, bottleneck=4), m, bottleneck_count, mergeable=False,
           id=f"adapter-{k}-{m}") for k in ("houlsby", "pfeiffer", "parallel") for m in LLM
       if (k, m) != ("parallel", "bert")],  # BERT's feed-forward has no single module to run alongside
@@ -252,6 +278,9 @@ ROWS = [
     *[Row(lambda: peftkit.FullFineTuneConfig(), m, full_count, can_disable=False, trains_base=True)
       for m in ("mlp", "llama")],
     *[Row(lambda: peftkit.HeadOnlyConfig(), m, head_count) for m in ("mlp", "bert", "cnn", "gpt2")],
+    *[Row(lambda: AdaLoRAConfig(init_r=4, target_r=2), m, adalora_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: AdaLoRAConfig(init_r=3, target_r=1, dropout=0.1, targets=["q_proj", "down_proj"]), "llama",
+        adalora_count, id="adalora-dropout-targets"),
 ]
 
 
