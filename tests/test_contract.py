@@ -178,7 +178,7 @@ def bone_count(model, cfg) -> int:
 
 def hydra_count(model, cfg) -> int:
     r, r_s, total = cfg.r, cfg.seq_r or cfg.r, 0
-    for m in _adapted(model, cfg):
+    for m in filter(weights.is_linear, _adapted(model, cfg)):  # ViT's patch_embed.proj (a conv) is not adapted
         d_in, d_out = weights.in_out_features(m)
         total += r * (d_in + d_out) + 2 * r_s * d_out
         total += (r + r_s + 2 * d_out) if weights.get_bias(m) is not None else 0  # branch biases a, c
@@ -267,7 +267,7 @@ ROWS = [
       for m, r in (("mlp", 4), ("llama", 8), ("gpt2", 8), ("bert", 8))],  # r divides every adapted shape
     Row(lambda: BoneConfig(r=16, targets=["q_proj", "down_proj"], layers=[0]), "llama", bone_count,
         id="bone-r16-layers"),
-    *[Row(lambda: HydraConfig(r=2, seq_r=3, scaling=0.5), m, hydra_count) for m in ("mlp", *LLM)],
+    *[Row(lambda: HydraConfig(r=2, seq_r=3, scaling=0.5), m, hydra_count) for m in ("mlp", "vit", *LLM)],
     Row(lambda: HydraConfig(r=2, dropout=0.2, targets="all-linear"), "gpt2", hydra_count, id="hydra-dropout-all"),
     *[Row(lambda k=k: BottleneckConfig(kind=k, bottleneck=4), m, bottleneck_count, mergeable=False,
           id=f"adapter-{k}-{m}") for k in ("houlsby", "pfeiffer", "parallel") for m in LLM
