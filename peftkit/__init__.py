@@ -23,6 +23,7 @@ from .methods.ia3 import IA3Config  # noqa: E402
 from .methods.lora import LoRAConfig  # noqa: E402
 from .methods.prompt_tuning import PromptTuningConfig  # noqa: E402
 from .methods.selective import FullFineTuneConfig, HeadOnlyConfig  # noqa: E402
+from .schedules import rank_budget_methods  # noqa: F401,E402  (importing schedules registers them all)
 
 __all__ = [
     "AdapterConfig", "AdapterFileError", "AdapterLayer", "ConfigError", "DoRAConfig", "FullFineTuneConfig",

@@ -207,10 +207,14 @@ def test_only_trainable_gradients_are_all_reduced(tmp_path, monkeypatch):
     sent = []
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: sent.append(t.numel()) or t.mul_(2))
     count = peftkit.trainable_parameters(model).trainable
-    assert all_reduce_gradients(trainable, world_size=2) == sum(sent) == count
+    assert all_reduce_gradients(trainable, world_size=2) == sum(sent) == count + len(trainable)  # + has-grad flags
     for p, g in zip(trainable, before, strict=True):
         torch.testing.assert_close(p.grad, g)  # (g + g) / 2
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    # a parameter no rank has a gradient for keeps none (optimizers skip it, as in one process)
+    trainable[0].grad = None
+    all_reduce_gradients(trainable, world_size=2)
+    assert trainable[0].grad is None and trainable[1].grad is not None
 
 
 def test_torchrun_two_ranks_on_cpu_match_each_other_and_one_process(tmp_path):

@@ -7,8 +7,10 @@ Layout of a run's `output_dir`:
         adapter.safetensors    adapter weights                     } `peftkit.load(base, ".../checkpoint-last")`
         optimizer.safetensors  per-parameter optimizer tensors, "<param index>.<name>" ("0.exp_avg", ...)
         rng.safetensors        torch CPU (and CUDA) generator states, one row per rank
+        schedule.safetensors   the method schedule's tensors (AdaLoRA's importance EMAs), when it has one
         trainer_state.json     step, data position, optimizer hyperparameters and scalar state,
-                               scheduler state, Python and NumPy RNG, loss and eval history
+                               scheduler state, the method schedule's counters, Python and NumPy RNG,
+                               loss and eval history
     checkpoint-last -> checkpoint-000040
 
 A checkpoint is written into a hidden temporary directory, every file is fsynced, the directory is
@@ -36,6 +38,7 @@ LAST = "checkpoint-last"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+SCHEDULE_FILE = "schedule.safetensors"
 
 
 class CheckpointError(RuntimeError):
@@ -89,6 +92,19 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, template: 
     return {"state": state, "param_groups": groups}
 
 
+# --- a method schedule's state <-> (tensors, JSON) -------------------------------------------
+def split_schedule_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """`MethodSchedule.state_dict()` as safetensors-ready tensors and JSON-ready values."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in state.items() if k not in tensors}
+    try:
+        json.dumps(rest)
+    except TypeError as err:
+        raise CheckpointError(f"the method schedule's state holds values that are neither tensors nor JSON ({err}); "
+                              "its state_dict must return only those") from err
+    return tensors, rest
+
+
 # --- random number generators -----------------------------------------------------------------
 def capture_rng(world_size: int, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
     """Every rank's torch generator states (a collective: all ranks call it) and this rank's others."""
@@ -124,11 +140,12 @@ def _gather(state: torch.Tensor, world_size: int, device: torch.device) -> torch
 
 # --- writing and reading ----------------------------------------------------------------------
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, scheduler,
-                    state: dict, rng: tuple[dict, dict], keep: int = 2) -> Path:
+                    state: dict, rng: tuple[dict, dict], keep: int = 2, method_schedule=None) -> Path:
     """Write a complete checkpoint atomically, point `checkpoint-last` at it and prune old ones.
 
     `state` is the JSON part the loop owns (step, data position, history); `rng` comes from
-    `capture_rng`. Call on one rank only. Returns the checkpoint directory.
+    `capture_rng`; `method_schedule` is the model's MethodSchedule (rank budgets), if any.
+    Call on one rank only. Returns the checkpoint directory.
     """
     output_dir = Path(output_dir)
     final = output_dir / checkpoint_name(step)
@@ -139,6 +156,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
     save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
     save_file(rng[0], str(tmp / RNG_FILE), metadata={"format": "pt"})
     meta = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng[1]}
+    if method_schedule is not None:
+        schedule_tensors, meta["method_schedule"] = split_schedule_state(method_schedule.state_dict())
+        save_file(schedule_tensors, str(tmp / SCHEDULE_FILE), metadata={"format": "pt"})
     (tmp / STATE_FILE).write_text(json.dumps(meta))
     for path in tmp.iterdir():
         _fsync(path)
@@ -155,8 +175,9 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
-    """Load adapter, optimizer, scheduler and RNG states from a checkpoint; returns its JSON state."""
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, rank: int,
+                    method_schedule=None) -> dict:
+    """Load adapter, optimizer, scheduler, method schedule and RNG states; returns the JSON state."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
@@ -171,6 +192,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     template = optimizer.state_dict()
     optimizer.load_state_dict(unflatten_optimizer(read_tensors(path / OPTIMIZER_FILE), meta["optimizer"], template))
     scheduler.load_state_dict(meta["scheduler"])
+    if method_schedule is not None:
+        if "method_schedule" not in meta:
+            raise CheckpointError(f"{path} holds no state of the method's schedule (written by a run without it); "
+                                  "resume with the adapter config it was trained with")
+        method_schedule.load_state_dict({**meta["method_schedule"], **read_tensors(path / SCHEDULE_FILE)})
     restore_rng(read_tensors(path / RNG_FILE), meta["rng"], rank)
     return meta
 

@@ -46,18 +46,23 @@ def all_reduce_gradients(params: Sequence[nn.Parameter], world_size: int) -> int
     """Average the gradients of `params` over ranks, one message per dtype; returns the values sent.
 
     The loop passes only the trainable (adapter) parameters: frozen base weights are never
-    communicated. A parameter without a gradient on this rank contributes zeros.
+    communicated. A parameter without a gradient on this rank contributes zeros; one that no rank
+    computed a gradient for keeps `grad = None`, so optimizers skip it as in a single process
+    (IncreLoRA's not-yet-grown triplets). One flag per parameter rides along in the same message.
     """
     if world_size == 1:
         return 0
     sent = 0
     for dtype in sorted({p.dtype for p in params}, key=str):
         group = [p for p in params if p.dtype == dtype]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+        has_grad = torch.tensor([float(p.grad is not None) for p in group], dtype=dtype, device=group[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+                         + [has_grad])
         dist.all_reduce(flat)  # one flat buffer instead of one call per tensor
         flat /= world_size
-        for p, grad in zip(group, flat.split([p.numel() for p in group]), strict=True):
-            p.grad = grad.view_as(p)
+        grads = flat[: -len(group)].split([p.numel() for p in group])
+        for p, grad, flag in zip(group, grads, flat[-len(group):].tolist(), strict=True):
+            p.grad = grad.view_as(p) if flag > 0 else None
         sent += flat.numel()
     return sent
 

@@ -14,6 +14,10 @@ Callbacks are plain objects with either or both of two optional methods; that is
   every backward pass and the cross-rank gradient average, before clipping, `optimizer.step()` and
   `zero_grad()`; rank-budget schedules read and edit gradients here.
 
+A method that needs per-step work (AdaLoRA's budget, IncreLoRA's growth) has a `MethodSchedule`
+(`peftkit.schedule_for`); the loop adds it to the callbacks by itself unless one is passed, and
+saves and restores its state with every checkpoint.
+
 Determinism: epoch e's data order is a permutation drawn from a generator seeded with (seed, e),
 split across ranks like DistributedSampler. A resumed run recomputes it and starts at the saved
 micro-batch position; with weights, optimizer, scheduler and RNG states restored it repeats the
@@ -48,6 +52,7 @@ from ..core.apply import has_adapter
 from ..core.config import ConfigError
 from ..core.io import save
 from ..core.params import trainable_parameters
+from ..core.schedule import MethodSchedule, schedule_for
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig  # noqa: F401  (re-exported: the loop's settings)
 from .distributed import Dist, all_reduce_gradients, epoch_batches, setup_distributed  # noqa: F401
@@ -128,7 +133,11 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn:
 def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks, run) -> dict:
     out = Path(cfg.output_dir)
     params, optimizer, scheduler, total = _setup(model, train_data, cfg, optimizer, run)
-    state = _resume_state(resume, cfg, model, optimizer, scheduler, run, len(train_data))
+    method_schedule = next((cb for cb in callbacks if isinstance(cb, MethodSchedule)), None)
+    if method_schedule is None:
+        method_schedule = schedule_for(model, total)  # the method's own per-step work, if it has any
+        callbacks = [*callbacks, method_schedule] if method_schedule is not None else callbacks
+    state = _resume_state(resume, cfg, model, optimizer, scheduler, run, len(train_data), method_schedule)
     start, history = state["step"], state["history"]
     data = micro_batches(train_data, collate_fn, cfg, start * cfg.grad_accum, run)
     extra_losses = [cb.extra_loss for cb in callbacks if hasattr(cb, "extra_loss")]
@@ -167,7 +176,8 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
                 history["eval"].append({"step": step, **figures})
                 _report_eval(cfg, run, history["eval"][-1])
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-                _checkpoint(out, step, model, optimizer, scheduler, cfg, run, history, len(train_data))
+                _checkpoint(out, step, model, optimizer, scheduler, cfg, run, history, len(train_data),
+                            method_schedule)
     except NonFiniteLossError as err:
         optimizer.zero_grad(set_to_none=True)
         _finish(model, cfg, run, history, f"stopped: non-finite loss at step {err.step}", started, start)
@@ -230,16 +240,18 @@ def _data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
 
 
 def _checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, run: Dist,
-                history: dict, n: int) -> None:
+                history: dict, n: int, method_schedule: MethodSchedule | None) -> None:
     rng = capture_rng(run.world, run.device)  # a collective: every rank takes part
     if run.rank != 0:
         return
     state = {"step": step, "micro_batches": step * cfg.grad_accum, "data": _data_key(cfg, run, n),
              "trainable": [name for name, p in model.named_parameters() if p.requires_grad], "history": history}
-    save_checkpoint(out, step, model, optimizer, scheduler, state, rng, keep=cfg.keep_checkpoints)
+    save_checkpoint(out, step, model, optimizer, scheduler, state, rng, keep=cfg.keep_checkpoints,
+                    method_schedule=method_schedule)
 
 
-def _resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Dist, n: int) -> dict:
+def _resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Dist, n: int,
+                  method_schedule: MethodSchedule | None = None) -> dict:
     """Step 0, or the checkpoint's state after loading its weights, optimizer, scheduler and RNG."""
     fresh = {"step": 0, "history": {"train_loss": [], "eval": []}}
     if not resume:
@@ -249,7 +261,7 @@ def _resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Di
         if run.rank == 0:
             print(f"resume: no checkpoint in {cfg.output_dir} yet, starting from step 0")
         return fresh
-    state = load_checkpoint(path, model, optimizer, scheduler, run.rank)
+    state = load_checkpoint(path, model, optimizer, scheduler, run.rank, method_schedule)
     changed = {k: (v, state["data"][k]) for k, v in _data_key(cfg, run, n).items() if state["data"][k] != v}
     if changed:
         warnings.warn(f"resuming from {path} with changed {changed} (now, saved): the data order will "
