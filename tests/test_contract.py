@@ -26,6 +26,7 @@ from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.difffit import DiffFitConfig
 from peftkit.methods.dsee import DSEEConfig
 from peftkit.methods.hydra import HydraConfig
+from peftkit.methods.increlora import IncreLoRAConfig
 from peftkit.methods.kronecker import DiffuseKronAConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.loldu import LoLDUConfig
@@ -189,6 +190,11 @@ def adalora_count(model, cfg) -> int:
     return sum(cfg.init_r * (sum(weights.in_out_features(m)) + 1) for m in _adapted(model, cfg))
 
 
+def increlora_count(model, cfg) -> int:
+    shapes = [weights.in_out_features(m) for m in _adapted(model, cfg)]
+    return sum(cfg.max_r_for(d_in, d_out) * (d_in + d_out + 1) for d_in, d_out in shapes)  # preallocated slots
+
+
 def prompt_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
@@ -281,6 +287,9 @@ ROWS = [
     *[Row(lambda: AdaLoRAConfig(init_r=4, target_r=2), m, adalora_count) for m in ("mlp", "llama", "gpt2")],
     Row(lambda: AdaLoRAConfig(init_r=3, target_r=1, dropout=0.1, targets=["q_proj", "down_proj"]), "llama",
         adalora_count, id="adalora-dropout-targets"),
+    *[Row(lambda: IncreLoRAConfig(target_rank=4), m, increlora_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: IncreLoRAConfig(target_rank=2, max_r=6, advance_learning=False, dropout=0.1, targets=["q_proj"]),
+        "llama", increlora_count, id="increlora-no-reserve-dropout"),
 ]
 
 

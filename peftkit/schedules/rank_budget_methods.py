@@ -2,6 +2,8 @@
 
     method        importance (per)            budget                          allocation
     AdaLoRA       |w * g| EMA (triplet)       cubic decay init -> target      keep the b best triplets (mask lambda)
+    IncreLoRA     |dW * dL/d(dW)| EMA (module) +rank_step every interval      grow the top_h modules
+    TriAdaptLoRA  see triadaptlora.py
 
 Each is registered for its config with `register_schedule`, so `peftkit.schedule_for(model, total)`
 builds it and peftkit's training loop runs it without being asked.
@@ -12,13 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..core.config import ConfigError
 from ..core.schedule import register_schedule
 from ..methods.adalora import AdaLoRAConfig, check_budget_span
+from ..methods.increlora import IncreLoRAConfig
 from .rank_budget import (
     RankBudgetSchedule,
     cubic_budget,
+    growth_events_needed,
     keep_top,
+    mean_over_ranks,
     sensitivity,
+    top_modules,
+    unit_norm,
 )
 
 
@@ -101,3 +109,74 @@ class AdaLoRASchedule(RankBudgetSchedule):
 @register_schedule(AdaLoRAConfig)
 def adalora_schedule(model: nn.Module, cfg: AdaLoRAConfig, total_steps: int | None) -> AdaLoRASchedule:
     return AdaLoRASchedule(model, cfg, total_steps)
+
+
+class IncreLoRASchedule(RankBudgetSchedule):
+    """Module scores in a window before each growth step; every incre_interval steps after init_warmup
+    the top_h modules (among those below capacity) grow by rank_step, until target_rank x n_modules."""
+
+    penalty = staticmethod(unit_norm)
+
+    def __init__(self, model: nn.Module, cfg: IncreLoRAConfig, total_steps: int | None) -> None:
+        super().__init__(model, cfg, total_steps)
+        self.target = cfg.target_rank * len(self.layers)
+        self.initial = sum(layer.active for layer in self.layers.values())
+        events = growth_events_needed(self.initial, self.target, cfg.top_h, cfg.rank_step_value())
+        last = self.growth_step_after(0) + (events - 1) * cfg.incre_interval
+        if events and last > self.total:
+            raise ConfigError(f"IncreLoRA needs {events} growth events, the last at step {last}, after training ends "
+                              f"at step {self.total}; lower init_warmup or incre_interval, raise top_h, or train longer")
+        self.counters = {"growth_events": 0}
+        for layer in self.layers.values():  # until told otherwise (a resumed run starts mid-way)
+            layer.capture_scores = self.total_rank() < self.target
+
+    def total_rank(self) -> int:
+        return sum(layer.active for layer in self.layers.values())
+
+    def growth_step_after(self, step: int) -> int:
+        """The first growth step after `step` (> init_warmup, a multiple of incre_interval)."""
+        interval = self.cfg.incre_interval
+        return (max(step, self.cfg.init_warmup) // interval + 1) * interval
+
+    def in_window(self, step: int) -> bool:
+        """Whether step's scores feed the EMA (all steps while growing, or the last score_window before a growth)."""
+        window = self.cfg.score_window
+        return window is None or self.growth_step_after(step - 1) - step < window
+
+    def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.total_rank() >= self.target:
+            return
+        scores = mean_over_ranks(torch.stack([layer.take_score() for layer in self.layers.values()]))
+        if self.in_window(step):
+            for name, score in zip(self.layers, scores, strict=True):
+                self.ema.update(name, score)
+        if step > self.cfg.init_warmup and step % self.cfg.incre_interval == 0:
+            self._grow()
+        growing = self.total_rank() < self.target
+        for layer in self.layers.values():
+            layer.capture_scores = growing and self.in_window(step + 1)
+
+    def _grow(self) -> None:
+        remaining = self.target - self.total_rank()
+        step_size = self.cfg.rank_step_value()
+        names = [n for n, layer in self.layers.items() if layer.active < layer.capacity]
+        count = min(self.cfg.top_h, len(names), -(-remaining // step_size))
+        scores = torch.stack([self.ema.score(n).cpu() for n in names]) if names else torch.zeros(0)
+        for i in top_modules(scores, count):
+            layer = self.layers[names[i]]
+            add = min(step_size, remaining, layer.capacity - layer.active)  # the last event is clipped
+            layer.grow(add)
+            remaining -= add
+        self.counters["growth_events"] += 1
+        if remaining == 0:
+            for layer in self.layers.values():
+                layer.stop_reserve()  # the code zeroes the last reserve's lambda: it leaves the forward
+
+    def ranks(self) -> dict[str, int]:
+        """Active rank of every module."""
+        return {n: layer.active for n, layer in self.layers.items()}
+
+
+@register_schedule(IncreLoRAConfig)
+def increlora_schedule(model: nn.Module, cfg: IncreLoRAConfig, total_steps: int | None) -> IncreLoRASchedule:
+    return IncreLoRASchedule(model, cfg, total_steps)
