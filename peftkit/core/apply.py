@@ -36,7 +36,10 @@ class AdapterState:
     requires_grad_before: dict[str, bool]
     fingerprint: dict[str, list]
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Copies of selected parameters, so `disabled()` can show the base model."""
+    """Copies of selected parameters, so `disabled()` can show the base model and `unload` restore it."""
+    merged: bool = False
+    """Set by `merge`: selected parameters are trained in place, so for them merging only decides
+    what `unload` leaves (the trained values when merged, the originals otherwise)."""
 
 
 def get_state(model: nn.Module) -> AdapterState:
@@ -144,8 +147,18 @@ def _snapshot(model: nn.Module, selected: list[str], cfg: AdapterConfig) -> dict
     return {n: params[n].detach().clone() for n in selected}
 
 
-def _restore(model: nn.Module, adapted: list[str], requires_grad: dict[str, bool], rollback: bool) -> None:
-    """Put the original modules back. A merged layer keeps its merged weights unless rolling back."""
+def _restore(model: nn.Module, adapted: list[str], requires_grad: dict[str, bool], rollback: bool,
+             originals: dict[str, torch.Tensor] | None = None) -> None:
+    """Put the original modules back. A merged layer keeps its merged weights unless rolling back.
+
+    `originals` (selected parameters to put back) are keyed by the adapted model's parameter names,
+    so they are copied before the wrappers go.
+    """
+    if originals:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, original in originals.items():
+                params[n].copy_(original)
     for name in reversed(adapted):
         layer = get_module(model, name)
         if isinstance(layer, AdapterLayer):
@@ -181,6 +194,7 @@ def merge(model: nn.Module, safe: bool = True) -> nn.Module:
         for layer in merged:
             layer.unmerge()
         raise
+    get_state(model).merged = True
     return model
 
 
@@ -188,6 +202,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`."""
     for layer in adapter_layers_of(model):
         layer.unmerge()
+    get_state(model).merged = False
     return model
 
 
@@ -195,11 +210,14 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove the adapter modules and return the plain model.
 
     Merged layers leave their merged weights in the base (call `merge` first to keep the
-    adaptation); unmerged ones leave the original base weights. Parameters get back the
-    `requires_grad` flags they had before `apply`.
+    adaptation); unmerged ones leave the original base weights. Selected parameters (selection
+    methods, DiffFit's biases) likewise keep their trained values after `merge` and get their
+    originals back otherwise (full fine-tuning keeps no originals: its trained weights stay).
+    Parameters get back the `requires_grad` flags they had before `apply`.
     """
     state = get_state(model)
-    _restore(model, state.adapted, state.requires_grad_before, rollback=False)
+    originals = {} if state.merged else state.originals
+    _restore(model, state.adapted, state.requires_grad_before, rollback=False, originals=originals)
     return model
 
 

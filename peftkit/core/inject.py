@@ -6,6 +6,7 @@ Target syntax (shared by `targets`, `exclude` and per-module patterns such as Lo
   "model.layers.0.self_attn.q_proj" but not "model.layers.0.self_attn.xq_proj";
 * "re:<regex>" is matched against the whole module name;
 * "all-linear" is every linear layer (nn.Linear, GPT-2 Conv1D) except the output head;
+* "all-norms" is every normalisation layer (`weights.is_norm`: LayerNorm, RMSNorm ...) outside the head;
 * "input-embeddings" is the model's input embedding module (`get_input_embeddings()`).
 """
 
@@ -16,7 +17,7 @@ import re
 import torch.nn as nn
 
 from .config import AdapterConfig, ConfigError
-from .weights import is_linear
+from .weights import is_linear, is_norm
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls", "qa_outputs")
 
@@ -64,9 +65,12 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str], inputs: str | None) -> bool:
     targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets or [])
     hit = False
+    in_head = any(name == h or name.startswith(h + ".") for h in heads)
     for target in targets:
         if target == "all-linear":
-            hit = is_linear(module) and not any(name == h or name.startswith(h + ".") for h in heads)
+            hit = is_linear(module) and not in_head
+        elif target == "all-norms":
+            hit = is_norm(module) and not in_head
         elif target == "input-embeddings":
             hit = name == inputs
         else:

@@ -6,6 +6,12 @@ Two kinds of method exist:
   `build(module, cfg, name) -> AdapterLayer | None` (None: this module is not supported);
 * selection methods add no modules and only choose which existing parameters train:
   `@register_selection(HeadOnlyConfig)` on `select(model, cfg) -> list[str]` (parameter names).
+
+A method may be both (DiffFit wraps the residual branches' last linear layers and trains every bias
+and norm): it registers a builder and a selector for the same config class. `apply` runs the
+selector after wrapping, so it sees the adapted model (`...o_proj.base.bias`); the selected
+parameters are then handled as for any selection method (originals kept for `disabled` and restored
+by an unmerged `unload`, saved in the adapter file).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from .config import AdapterConfig, ConfigError
 
 @dataclass(frozen=True)
 class Method:
-    """One registered method: its config class and either a module builder or a selector."""
+    """One registered method: its config class, a module builder, a parameter selector, or both."""
 
     name: str
     config_cls: type[AdapterConfig]
@@ -38,6 +44,9 @@ def _add(method: Method) -> None:
     existing = _METHODS.get(method.name)
     if existing is not None and existing.config_cls is not method.config_cls:
         raise TypeError(f"method name {method.name!r} is already registered by {existing.config_cls}")
+    if existing is not None:  # a builder and a selector for one config: keep both (re-imports replace)
+        method = Method(method.name, method.config_cls, build=method.build or existing.build,
+                        select=method.select or existing.select)
     _METHODS[method.name] = method
 
 

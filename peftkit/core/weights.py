@@ -5,7 +5,9 @@ Every method sees a base weight in one canonical layout, `(d_out, d_in, *kernel)
 * `nn.Linear`: `weight` as is, `(out, in)`;
 * transformers' GPT-2 `Conv1D`: stores `(in, out)`, so it is transposed;
 * `nn.Embedding`: `(num_embeddings, dim)` as is (a lookup table, "out" = rows);
-* `nn.Conv2d`: `(out, in / groups, kh, kw)` as is.
+* `nn.Conv2d`: `(out, in / groups, kh, kw)` as is;
+* a normalisation layer with an affine weight (`is_norm`): its `(channels,)` weight as is (read and
+  written like the others, but `layer_kind` stays None: no low-rank method targets a norm).
 
 A quantized base (later) plugs in here by providing `peftkit_get_weight()` / `peftkit_set_weight(w)`
 methods; no caller needs to know the storage format.
@@ -39,6 +41,21 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+"""torch's normalisation layers (`_NormBase` covers BatchNorm and InstanceNorm)."""
+
+
+def is_norm(module: nn.Module) -> bool:
+    """True for normalisation layers: torch's, and leaf modules whose class name ends in "Norm".
+
+    Why the name: transformers' RMSNorms (LlamaRMSNorm, T5LayerNorm, Qwen2RMSNorm ...) share no base
+    class, and transformers itself finds them by name (Trainer's weight-decay exclusion).
+    """
+    if isinstance(module, NORM_TYPES):
+        return True
+    return type(module).__name__.endswith("Norm") and next(module.children(), None) is None
+
+
 def is_linear(module: nn.Module) -> bool:
     """True for layers that compute `x @ W.T + b` (nn.Linear and GPT-2 Conv1D)."""
     return layer_kind(module) in ("linear", "conv1d")
@@ -55,7 +72,7 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     if hasattr(module, "peftkit_get_weight"):
         return module.peftkit_get_weight()
     kind = layer_kind(module)
-    if kind is None:
+    if kind is None and not (is_norm(module) and getattr(module, "weight", None) is not None):
         raise TypeError(f"peftkit cannot read the weight of {type(module).__name__}")
     weight = module.weight.detach()
     return weight.T if kind == "conv1d" else weight
