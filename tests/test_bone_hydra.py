@@ -73,7 +73,10 @@ def test_bone_function_gradcheck_with_bias():
     x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(8, dtype=torch.float64, requires_grad=True)
     blocks = (0.3 * torch.randn(2, 4, 4, dtype=torch.float64)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda *a: BlockAffineLinear.apply(a[0], w0, a[1], a[2]), (x, bias, blocks))
+    def bone(x, bias, blocks):
+        return BlockAffineLinear.apply(x, w0, bias, blocks)
+
+    assert torch.autograd.gradcheck(bone, (x, bias, blocks))
 
 
 def test_bone_identity_at_init_is_exact():
@@ -107,8 +110,8 @@ def test_bone_merge_unmerge_restores_w0():
     with torch.no_grad():
         unmerged = model(x)
         peftkit.merge(model)
-        torch.testing.assert_close(model[0].base.weight, bone_reference_weight(w0, model[0].bone_blocks.detach()),
-                                   atol=1e-6, rtol=0)
+        want = bone_reference_weight(w0, model[0].bone_blocks.detach())
+        torch.testing.assert_close(model[0].base.weight, want, atol=1e-6, rtol=0)
         torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=0)
         peftkit.unmerge(model)
     torch.testing.assert_close(model[0].base.weight, w0, atol=1e-6, rtol=0)
@@ -142,9 +145,11 @@ def test_bone_rank_must_be_a_positive_integer(r):
 def test_bone_block_size_must_divide_the_layer():
     model = MODELS["mlp"](0)  # fc1 16 -> 32, fc2 32 -> 16
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(peftkit.ConfigError, match=r"r=5 must divide d_in=16 and d_out=32 of fc1.*\[1, 2, 4, 8, 16\]"):
+    message = r"r=5 must divide d_in=16 and d_out=32 of fc1.*\[1, 2, 4, 8, 16\]"
+    with pytest.raises(peftkit.ConfigError, match=message):
         peftkit.apply(model, BoneConfig(r=5, targets=["fc1", "fc2"]))
-    assert not peftkit.has_adapter(model) and not any(isinstance(m, peftkit.AdapterLayer) for m in model.modules())
+    assert not peftkit.has_adapter(model)
+    assert not any(isinstance(m, peftkit.AdapterLayer) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(peftkit.ConfigError, match="must divide"):
         peftkit.apply(MODELS["mlp"](0), BoneConfig(r=64, targets=["fc1"]))  # r larger than the layer
@@ -152,10 +157,12 @@ def test_bone_block_size_must_divide_the_layer():
 
 # --- Bone <-> Hugging Face peft MiSS "bat" ------------------------------------------------------
 
-INTEROP = {
-    "llama": ("llama", lambda: BoneConfig(r=8, targets=["q_proj", "v_proj", "down_proj"]),
-              lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "v_proj", "down_proj"])),
-    "bert-classifier": ("bert", lambda: BoneConfig(r=4, targets=["query", "value"], modules_to_save=["classifier"]),
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+INTEROP = {  # id: (model, peftkit config, the same adapter as a peft config)
+    "llama": ("llama", lambda: BoneConfig(r=8, targets=LLAMA_TARGETS),
+              lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=LLAMA_TARGETS)),
+    "bert-classifier": ("bert",
+                        lambda: BoneConfig(r=4, targets=["query", "value"], modules_to_save=["classifier"]),
                         lambda: peft.MissConfig(r=4, init_weights="bat", target_modules=["query", "value"],
                                                 task_type="SEQ_CLS")),
 }
@@ -206,7 +213,8 @@ def test_peft_miss_bat_to_bone(case, tmp_path, quiet):
 
 
 def test_peft_miss_other_variants_are_refused(tmp_path, quiet):
-    peft.get_peft_model(MODELS["llama"](0), peft.MissConfig(r=8, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    balance = peft.MissConfig(r=8, target_modules=["q_proj"])  # init_weights=True: MiSS "balance", not Bone
+    peft.get_peft_model(MODELS["llama"](0), balance).save_pretrained(tmp_path)
     model = MODELS["llama"](0)
     with pytest.raises(peftkit.ConfigError, match="init_weights='bat'"):
         peftkit.load(model, tmp_path)
@@ -300,8 +308,9 @@ def test_hydra_gpt2_conv1d_sequential_gradient():
     layer = model.transformer.h[0].attn.c_proj
     _randomize(layer.adapter_parameters().values())
     x = torch.randn(2, 3, 32, dtype=torch.float64)
-    got = torch.autograd.grad(layer(x).pow(2).sum(), list(layer.adapter_parameters().values()))
-    want = torch.autograd.grad(hydra_reference(layer, x, w0, b0).pow(2).sum(), list(layer.adapter_parameters().values()))
+    params = list(layer.adapter_parameters().values())
+    got = torch.autograd.grad(layer(x).pow(2).sum(), params)
+    want = torch.autograd.grad(hydra_reference(layer, x, w0, b0).pow(2).sum(), params)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
@@ -321,8 +330,8 @@ def test_hydra_merge_formula_equals_the_two_branch_forward(bias):
     want_w = w0 + s * (f["par_up"] @ f["par_down"] + f["seq_up"] @ f["seq_down"] @ w0)
     torch.testing.assert_close(layer.base.weight, want_w, atol=1e-6, rtol=0)
     if bias:
-        want_b = (b0 + s * (f["par_up"] @ f["par_down_bias"] + f["par_up_bias"])
-                  + s * (f["seq_up"] @ f["seq_down"] @ b0 + f["seq_up"] @ f["seq_down_bias"] + f["seq_up_bias"]))
+        seq_b = f["seq_up"] @ f["seq_down"] @ b0 + f["seq_up"] @ f["seq_down_bias"] + f["seq_up_bias"]
+        want_b = b0 + s * (f["par_up"] @ f["par_down_bias"] + f["par_up_bias"]) + s * seq_b
         torch.testing.assert_close(layer.base.bias, want_b, atol=1e-6, rtol=0)
     else:
         assert layer.base.bias is None
@@ -367,7 +376,8 @@ def test_hydra_init_is_the_identity_with_xavier_down_projections():
         bound = (6 / (4 + d_in)) ** 0.5  # xavier-uniform
         w = getattr(layer, name)
         assert w.abs().max() <= bound and w.abs().max() > bound / 2, name
-    assert all(torch.count_nonzero(p) == 0 for n, p in layer.adapter_parameters().items() if not n.endswith("_down"))
+    zero_init = [p for n, p in layer.adapter_parameters().items() if not n.endswith("_down")]
+    assert all(torch.count_nonzero(p) == 0 for p in zero_init)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -388,3 +398,23 @@ def test_hydra_bad_configs(changes):
 def test_hydra_default_targets_are_the_output_projections():
     model = peftkit.apply(MODELS["llama"](0), HydraConfig())
     assert sorted({n.split(".")[-1] for n in model.peftkit_state.adapted}) == ["down_proj", "o_proj"]
+
+
+# === both =========================================================================================
+@pytest.mark.parametrize("cfg", [BoneConfig(r=8), HydraConfig(r=2, targets="all-linear")],
+                         ids=["bone", "hydra"])
+def test_bf16_autocast_on_an_fp32_model(cfg):
+    """Under autocast the products run in bf16 (cast once), the adapter stays fp32 and gets fp32 gradients."""
+    model = peftkit.apply(MODELS["llama"](0), cfg)
+    _randomize([p for p in model.parameters() if p.requires_grad], scale=0.1)
+    inputs = example_inputs("llama")
+    with torch.no_grad():
+        reference = output_of(model, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = output_of(model, inputs)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - reference).abs().max() / reference.abs().max()).item() < 3e-2
+    out.float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

@@ -77,8 +77,8 @@ class BoneConfig(AdapterConfig):
         names = get_state(model).adapted
         conv1d = [n for n in names if weights.layer_kind(get_module(model, n).base) != "linear"]
         if conv1d:
-            raise ConfigError(f"peft's MiSS adapts nn.Linear only, not GPT-2 Conv1D ({', '.join(conv1d[:3])}); "
-                              "save this adapter with format='peftkit' (the default)")
+            raise ConfigError(f"peft's MiSS adapts nn.Linear only, not GPT-2 Conv1D "
+                              f"({', '.join(conv1d[:3])}); save this adapter with format='peftkit' (the default)")
         return {
             **peft_format.common_fields(model, self, self.peft_type),
             "target_modules": peft_format.target_modules(model, names),
@@ -90,8 +90,8 @@ class BoneConfig(AdapterConfig):
     def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> BoneConfig:
         """The config for a peft MissConfig dict written with init_weights="bat"."""
         # miss_dropout and mini_r do nothing in peft's "bat" forward, so any value reads the same
-        used = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-                "r", "init_weights", "miss_dropout", "mini_r")
+        used = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                "modules_to_save", "r", "init_weights", "miss_dropout", "mini_r")
         peft_format.check_fields(data, cls, used, {"bias": "none"})
         if data.get("init_weights", True) != "bat":
             raise ConfigError(f"peftkit reads peft's MiSS only with init_weights='bat' (Bone), got "
@@ -173,11 +173,13 @@ class BoneLinear(AdapterLayer):
         super().__init__(base)
         d_in, d_out = weights.in_out_features(base)
         if d_in % r or d_out % r:
-            raise ConfigError(f"Bone block size r={r} must divide d_in={d_in} and d_out={d_out} of {name or 'a layer'}"
-                              f"; choose r among the common divisors {_divisors(d_in, d_out)}, or exclude the module")
+            raise ConfigError(f"Bone block size r={r} must divide d_in={d_in} and d_out={d_out} of "
+                              f"{name or 'a layer'}; choose r among the common divisors "
+                              f"{_divisors(d_in, d_out)}, or exclude the module")
         w = weights.get_weight(base)
         self.r = r
-        self.bone_blocks = nn.Parameter(torch.zeros(d_out // r, r, r, device=w.device, dtype=adapter_dtype(w)))
+        kw = {"device": w.device, "dtype": adapter_dtype(w)}
+        self.bone_blocks = nn.Parameter(torch.zeros(d_out // r, r, r, **kw))  # b_i for row block i
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bone_blocks)
@@ -195,10 +197,10 @@ class BoneLinear(AdapterLayer):
         n, r = b.shape[0], self.r
         d_out, d_in = weight.shape
         affine = torch.eye(r, dtype=b.dtype, device=b.device) + b  # (n, r, r)
-        cond = torch.linalg.cond(affine)
-        if not bool(torch.isfinite(cond).all()) or float(cond.max()) > 1e12:
+        singular = ~(torch.linalg.cond(affine) <= 1e12)  # inf or NaN for exactly singular blocks
+        if bool(singular.any()):
             raise MergeError(f"cannot unmerge Bone: I + b_i is singular for row block(s) "
-                             f"{torch.nonzero(~(cond <= 1e12)).flatten().tolist()[:5]}; the merged weights stay")
+                             f"{torch.nonzero(singular).flatten().tolist()[:5]}; the merged weights stay")
         shifted = weight.double().reshape(n, r, d_in // r, r) - b[:, :, None, :]
         w0 = torch.linalg.solve(affine, shifted.reshape(n, d_in, r), left=False)  # X (I + b_i) = W - b_i
         return w0.reshape(d_out, d_in).to(weight.dtype)

@@ -58,7 +58,7 @@ class HydraConfig(AdapterConfig):
 
     method = "hydra"
     paper: ClassVar[str] = "Kim et al. 2023, arXiv:2309.06922"
-    trainable: ClassVar[str] = "r (d_in + d_out) + 2 r_s d_out per layer (+ r + r_s + 2 d_out with a base bias)"
+    trainable: ClassVar[str] = "r (d_in + d_out) + 2 r_s d_out per layer (+ r + r_s + 2 d_out with a bias)"
 
     targets: str | list[str] | None = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Modules to adapt: attention output and MLP down projections by default (the paper's choice)."""
@@ -152,10 +152,10 @@ class HydraLinear(AdapterLayer):
         self.r, self.seq_r, self.scaling, self.dropout = r, seq_r, scaling, dropout
         with_bias = weights.get_bias(base) is not None
         for branch, rank, d_u in (("par", r, d_in), ("seq", seq_r, d_out)):
-            self.register_parameter(f"{branch}_down", nn.Parameter(torch.zeros(rank, d_u, **kw)))
-            self.register_parameter(f"{branch}_up", nn.Parameter(torch.zeros(d_out, rank, **kw)))
-            self.register_parameter(f"{branch}_down_bias", nn.Parameter(torch.zeros(rank, **kw)) if with_bias else None)
-            self.register_parameter(f"{branch}_up_bias", nn.Parameter(torch.zeros(d_out, **kw)) if with_bias else None)
+            shapes = {"down": (rank, d_u), "up": (d_out, rank), "down_bias": (rank,), "up_bias": (d_out,)}
+            for part, shape in shapes.items():
+                param = nn.Parameter(torch.zeros(shape, **kw)) if with_bias or "bias" not in part else None
+                self.register_parameter(f"{branch}_{part}", param)
 
     def reset_parameters(self) -> None:
         for name, param in self.adapter_parameters().items():
