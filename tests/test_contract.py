@@ -35,6 +35,7 @@ from peftkit.methods.randlora import RandLoRAConfig
 from peftkit.methods.selective import BitFitConfig, LNTuningConfig
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.svfit import SVFitConfig
+from peftkit.methods.triadaptlora import TriAdaptLoRAConfig
 
 from tiny_models import MODELS, example_inputs, output_of
 
@@ -195,6 +196,16 @@ def increlora_count(model, cfg) -> int:
     return sum(cfg.max_r_for(d_in, d_out) * (d_in + d_out + 1) for d_in, d_out in shapes)  # preallocated slots
 
 
+def triadaptlora_count(model, cfg) -> int:
+    from peftkit.methods.increlora import chunk_sizes
+
+    total = 0
+    for d_in, d_out in (weights.in_out_features(m) for m in _adapted(model, cfg)):
+        sizes = chunk_sizes(cfg.init_r, cfg.rank_step_value(), cfg.max_r_for(d_in, d_out))
+        total += sum(k * (d_in + d_out + 2 * sum(sizes[: i + 1])) for i, k in enumerate(sizes))  # A, B, L and U blocks
+    return total
+
+
 def prompt_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
@@ -261,6 +272,9 @@ ROWS = [
     Row(lambda: DiffFitConfig(targets=["fc2"], per_channel=True), "mlp", difffit_count),
     Row(lambda: DiffFitConfig(targets=["conv2"]), "cnn", difffit_count),
     Row(lambda: DiffFitConfig(per_channel=True, layers=[1]), "gpt2", difffit_count, id="difffit-vector-layers"),
+    Row(lambda: SSFConfig(init_std=0.0, targets=["all-linear", "all-norms", "patch_embed.proj"]), "vit", ssf_count,
+        id="ssf-vit-paper-placement"),
+    Row(lambda: DiffFitConfig(), "vit", difffit_count),
     *[Row(lambda: BitFitConfig(), m, bias_count) for m in ("mlp", "bert", "gpt2", "cnn")],
     *[Row(lambda: LNTuningConfig(), m, norm_count) for m in LLM],
     *[Row(lambda: RandLoRAConfig(r=4, alpha=8), m, randlora_count) for m in ("mlp", "llama", "gpt2")],
@@ -290,6 +304,9 @@ ROWS = [
     *[Row(lambda: IncreLoRAConfig(target_rank=4), m, increlora_count) for m in ("mlp", "llama", "gpt2")],
     Row(lambda: IncreLoRAConfig(target_rank=2, max_r=6, advance_learning=False, dropout=0.1, targets=["q_proj"]),
         "llama", increlora_count, id="increlora-no-reserve-dropout"),
+    *[Row(lambda: TriAdaptLoRAConfig(target_rank=4), m, triadaptlora_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: TriAdaptLoRAConfig(target_rank=2, max_r=5, threshold="cosine", dropout=0.1, targets=["v_proj"]),
+        "llama", triadaptlora_count, id="triadaptlora-cosine-dropout"),
 ]
 
 
