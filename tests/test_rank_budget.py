@@ -485,3 +485,109 @@ def test_increlora_bad_configurations_raise_early():
         IncreLoRAConfig(target_rank=8, max_r=5)
     with pytest.raises(peftkit.ConfigError, match="target_rank >= init_r"):
         IncreLoRAConfig(init_r=4, target_rank=2)
+
+
+# --- TriAdaptLoRA -------------------------------------------------------------------------------
+def _mlp_triadapt(**kw):
+    from peftkit.methods.triadaptlora import TriAdaptLoRAConfig
+
+    cfg = TriAdaptLoRAConfig(**{"targets": ["fc1", "fc2"], "target_rank": 4, "init_warmup": 2, "incre_interval": 2,
+                                "alpha": 4.0, "max_r": 7, **kw})
+    return peftkit.apply(MODELS["mlp"](), cfg)
+
+
+def _core_by_hand(layer) -> torch.Tensor:
+    """C = L + U from the blocks: chunk i adds its rows to L (columns up to its end) and columns to U."""
+    r, offset = layer.active, 0
+    core = torch.zeros(r, r, dtype=torch.float64)
+    for c_row, c_col in zip(layer.lora_C_row, layer.lora_C_col, strict=True):
+        if offset >= r:
+            break
+        take = min(c_row.shape[0], r - offset)
+        core[offset:offset + take, :offset + take] += c_row[:take, :offset + take]
+        core[:offset + take, offset:offset + take] += c_col[:offset + take, :take]
+        offset += c_row.shape[0]
+    return core
+
+
+@pytest.mark.parametrize("kind", ["mlp", "llama"])
+def test_triadapt_is_identity_at_init(kind):
+    from peftkit.methods.triadaptlora import TriAdaptLoRAConfig
+
+    model = MODELS[kind]()
+    inputs = example_inputs(kind)
+    with torch.no_grad():
+        base = output_of(model, inputs)
+        peftkit.apply(model, TriAdaptLoRAConfig(target_rank=4))
+        assert torch.equal(output_of(model, inputs), base)
+
+
+def test_triadapt_forward_is_b_times_lower_plus_upper_times_a():
+    model = _mlp_triadapt().double()
+    _perturb(model)
+    layer = model.fc1  # chunks 1, 2, 2, 2
+    for grown in (0, 2, 1):  # rank 1, 3, then 4 (chunk 2 half used)
+        layer.grow(grown)
+        core = _core_by_hand(layer)
+        r = layer.active
+        a, b = torch.cat(list(layer.lora_A))[:r], torch.cat(list(layer.lora_B), dim=1)[:, :r]
+        delta = 4.0 / (r + 1e-5) * b @ core @ a
+        h = torch.randn(3, 16, dtype=torch.float64)
+        torch.testing.assert_close(layer(h), h @ (layer.base.weight + delta).T + layer.base.bias)
+        torch.testing.assert_close(layer.delta_weight(), delta)
+    # the split: L's part of chunk 1 lies on and below the block diagonal, U's on and above it
+    lower = torch.zeros(4, 4, dtype=torch.float64)
+    lower[1:3, :3] = layer.lora_C_row[1].detach()
+    assert torch.all(torch.triu(lower, diagonal=2) == 0)
+
+
+def test_triadapt_trainable_count_and_scores():
+    model = _mlp_triadapt()
+    # chunks (k, r_end) = (1, 1), (2, 3), (2, 5), (2, 7): k (d_in + d_out) + 2 k r_end, fc1 16->32, fc2 32->16
+    assert peftkit.trainable_parameters(model).trainable == 2 * sum(k * 48 + 2 * k * e
+                                                                     for k, e in ((1, 1), (2, 3), (2, 5), (2, 7)))
+    schedule = peftkit.schedule_for(model, total_steps=20)
+    _perturb(model)
+    model.fc2.grow(2)
+    scores = schedule.scores()
+    expected = {n: (_core_by_hand(m).norm() / (1 if n == "fc1" else 2)).item() for n, m in schedule.layers.items()}
+    assert scores == pytest.approx(expected, rel=1e-5)  # from 0 at init
+    with torch.no_grad():
+        model.fc1.lora_C_row[0].add_(1.0)
+    assert schedule.scores()["fc1"] == pytest.approx(_core_by_hand(model.fc1).norm().item() - expected["fc1"], rel=1e-5)
+
+
+def test_threshold_schedules_let_more_modules_grow_as_training_goes_on():
+    from peftkit.schedules.rank_budget import modules_to_grow
+
+    assert [modules_to_grow(40, u, "linear", 100) for u in (0.0, 0.25, 0.5, 1.0)] == [1, 10, 20, 40]
+    assert [modules_to_grow(40, u, "exponential", 100) for u in (0.0, 0.5, 1.0)] == [1, int(40**0.5), 40]
+    assert [modules_to_grow(40, u, "cosine", 100) for u in (0.0, 0.5, 1.0)] == [1, 20, 40]
+    assert modules_to_grow(40, 1.0, "linear", 3) == 3
+
+
+@pytest.mark.parametrize("threshold", ["linear", "exponential", "cosine"])
+def test_triadapt_total_rank_only_grows_and_stays_within_the_budget(threshold):
+    model = _mlp_triadapt(threshold=threshold)
+    totals = []
+    schedule = _train_plain(model, steps=20, total=20, each_step=lambda step, s: totals.append(s.total_rank()))
+    assert all(a <= b for a, b in zip(totals, totals[1:], strict=False)) and totals[-1] <= 8
+    assert totals[0] == 2 and totals[-1] > 2 and schedule.counters["growth_events"] >= 1
+    grown = max(schedule.layers.values(), key=lambda m: m.active)
+    assert 3 <= grown.active <= 5  # chunk 1 in use, chunk 3 not
+    assert not torch.equal(grown.lora_C_row[1], torch.zeros_like(grown.lora_C_row[1]))  # trained since growth
+    output_of(model, {"x": torch.randn(4, 16)}).pow(2).sum().backward()
+    for params in (grown.lora_A, grown.lora_B, grown.lora_C_row, grown.lora_C_col):
+        assert params[1].grad is not None and params[1].grad.abs().sum() > 0
+        assert params[3].grad is None
+
+
+def test_triadapt_bad_configurations_raise_early():
+    from peftkit.methods.triadaptlora import TriAdaptLoRAConfig
+
+    with pytest.raises(peftkit.ConfigError, match=r"first growth step \(4\) comes after training ends at step 3"):
+        peftkit.schedule_for(_mlp_triadapt(), total_steps=3)
+    with pytest.raises(peftkit.ConfigError, match="unknown threshold schedule 'step'"):
+        TriAdaptLoRAConfig(threshold="step")
+    with pytest.raises(peftkit.ConfigError, match="exceed min.* = 16 of fc1"):
+        _mlp_triadapt(max_r=20)

@@ -4,6 +4,8 @@
 
     P in R^{d_out x r} (peft: lora_B), lambda in R^r (lora_E, stored (r, 1)), Q in R^{r x d_in} (lora_A)
 
+TriAdaptLoRA replaces diag(lambda) by a full r x r core C (`factors` then returns C in lambda's place).
+
 (Zhang et al., 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", arXiv:2303.10512.)
 `ranknum` is a buffer: fixed at the initial rank for AdaLoRA, the current rank for IncreLoRA, so the
 scale of a growing module shrinks as in that paper's code. Each rank-1 term P[:, i] lambda_i Q[i] is a
@@ -47,7 +49,7 @@ class SVDLayer(AdapterLayer):
 
     # --- what a family member provides --------------------------------------------------------
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(Q (r, d_in), lambda (r, 1), P (d_out, r)) of the triplets in the forward, unscaled."""
+        """(Q (r, d_in), core, P (d_out, r)) in the forward, unscaled; core: lambda (r, 1) or C (r, r)."""
         raise NotImplementedError
 
     # --- written once -------------------------------------------------------------------------
@@ -55,17 +57,23 @@ class SVDLayer(AdapterLayer):
         """s = alpha / (ranknum + 1e-5) as a tensor (a Python float would need a device sync)."""
         return self.alpha / (self.ranknum + 1e-5)
 
+    def down_up(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s diag(lambda) Q or s C Q (r, d_in), P (d_out, r)): the update is their product."""
+        q, core, p = self.factors()
+        down = q * (core * self.scale()) if core.shape[1] == 1 else (core * self.scale()) @ q
+        return down, p
+
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        q, lam, p = self.factors()
+        down, up = self.down_up()
         x = self.dropout(x)
-        out = add_low_rank(y, x, q * (lam * self.scale()), p, 1.0)  # y + P (Q * s lambda) x
+        out = add_low_rank(y, x, down, up, 1.0)  # y + P (s lambda * Q) x
         if self.capture_scores and out.requires_grad:
             out.register_hook(lambda grad: self._capture(x.detach(), grad))
         return out
 
     def delta_weight(self) -> torch.Tensor:
-        q, lam, p = self.factors()
-        return p @ (q * (lam * self.scale()))  # (d_out, d_in)
+        down, up = self.down_up()
+        return up @ down  # (d_out, d_in)
 
     @torch.no_grad()
     def _capture(self, x: torch.Tensor, grad: torch.Tensor) -> None:

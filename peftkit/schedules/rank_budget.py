@@ -1,10 +1,12 @@
 """Rank budgets: the one mechanism AdaLoRA, IncreLoRA and TriAdaptLoRA share, in three pluggable pieces.
 
     importance   sensitivity I (AdaLoRA: |w * dL/dw| per entry; IncreLoRA: sum |dW * dL/d(dW)| / sqrt(numel)
-                 per module; TriAdaptLoRA: a normalized Frobenius norm), smoothed by `ImportanceEMA`:
+                 per module), smoothed by `ImportanceEMA` (TriAdaptLoRA: the change of a normalized Frobenius
+                 norm between growth events, no EMA):
                  I_bar <- b1 I_bar + (1 - b1) I,  U_bar <- b2 U_bar + (1 - b2) |I - I_bar|,  score = I_bar * U_bar
     budget       how many ranks at step t: `cubic_budget` (AdaLoRA's decay), a growth event every interval
-                 (IncreLoRA), a rising threshold (`threshold_schedule`, TriAdaptLoRA)
+                 (IncreLoRA), a threshold that lets more modules grow as training goes on (`modules_to_grow`,
+                 TriAdaptLoRA: linear, exponential or cosine in the training progress)
     allocation   which ranks: `keep_top` (mask all but the b best triplets) or grow the best modules
 
 `RankBudgetSchedule` holds what is common (the layers, the EMA, the regularizer as `extra_loss`,
@@ -100,18 +102,19 @@ def cubic_budget(step: int, initial: int, target: int, tinit: int, tfinal: int, 
     return int(target + (initial - target) * remaining**3)
 
 
-THRESHOLD_SHAPES: dict[str, Callable[[float], float]] = {
-    "linear": lambda u: u,
-    "exponential": lambda u: math.expm1(5 * u) / math.expm1(5),  # slow start, fast end
-    "cosine": lambda u: (1 - math.cos(math.pi * u)) / 2,
+GROWTH_SHAPES: dict[str, Callable[[int, float], float]] = {
+    "linear": lambda remaining, u: remaining * u,
+    "exponential": lambda remaining, u: remaining**u,  # exp(u ln remaining): the found code's "non-linear"
+    "cosine": lambda remaining, u: remaining * (1 - math.cos(math.pi * u)) / 2,
 }
-"""Progress u in [0, 1] -> fraction of the way from the first threshold to the last (TriAdaptLoRA)."""
+"""TriAdaptLoRA's dynamic threshold: how many modules grow at training progress u in [0, 1], given the
+rank still missing; the threshold is then the score of the last module chosen."""
 
 
-def threshold_schedule(step: int, start: float, end: float, t_begin: int, t_end: int, shape: str) -> float:
-    """A threshold moving from `start` (until t_begin) to `end` (from t_end) along `shape`."""
-    u = min(max((step - t_begin) / max(t_end - t_begin, 1), 0.0), 1.0)
-    return start + (end - start) * THRESHOLD_SHAPES[shape](u)
+def modules_to_grow(remaining: int, progress: float, shape: str, eligible: int) -> int:
+    """The number of modules that grow now: GROWTH_SHAPES[shape], at least 1, at most `eligible`."""
+    count = int(GROWTH_SHAPES[shape](remaining, min(max(progress, 0.0), 1.0)) + 1e-9)  # cos(pi/2) is not 0
+    return min(max(count, 1), eligible)
 
 
 def growth_events_needed(initial: int, target: int, modules_per_event: int, rank_step: int) -> int:
@@ -164,7 +167,8 @@ class RankBudgetSchedule(MethodSchedule):
     """What the family's schedules share: layers by name, an ImportanceEMA, the regularizer, state.
 
     Subclasses set `penalty` and write `on_after_backward`; extra state goes in `counters`
-    (JSON-able ints/bools), which `state_dict` saves next to the EMA tensors.
+    (JSON-able numbers), which `state_dict` saves next to the EMA tensors. Methods without an EMA
+    (TriAdaptLoRA) have no beta1/beta2 in their config.
     """
 
     penalty: Callable[[Sequence[SVDLayer]], torch.Tensor] = staticmethod(orthogonality)
@@ -174,8 +178,8 @@ class RankBudgetSchedule(MethodSchedule):
         self.cfg = cfg
         self.layers: dict[str, SVDLayer] = {n: get_module(model, n) for n in get_state(model).adapted}
         self.total = resolve_total(cfg, total_steps)
-        self.ema = ImportanceEMA(cfg.beta1, cfg.beta2)
-        self.counters: dict[str, int | bool] = {}
+        self.ema = ImportanceEMA(cfg.beta1, cfg.beta2) if hasattr(cfg, "beta1") else None
+        self.counters: dict[str, int | float | bool] = {}
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         if not self.cfg.orth_reg_weight:
@@ -183,11 +187,13 @@ class RankBudgetSchedule(MethodSchedule):
         return self.cfg.orth_reg_weight * type(self).penalty(list(self.layers.values()))
 
     def state_dict(self) -> dict:
-        return {**{f"ema/{k}": v for k, v in self.ema.state_dict().items()}, **self.counters}
+        ema = {} if self.ema is None else {f"ema/{k}": v for k, v in self.ema.state_dict().items()}
+        return {**ema, **self.counters}
 
     def load_state_dict(self, state: dict) -> None:
-        device = next(iter(self.layers.values())).ranknum.device
-        self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema/")}, device)
+        if self.ema is not None:
+            device = next(iter(self.layers.values())).ranknum.device
+            self.ema.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("ema/")}, device)
         self.counters.update({k: v for k, v in state.items() if not k.startswith("ema/")})
 
 

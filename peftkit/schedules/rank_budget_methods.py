@@ -3,7 +3,8 @@
     method        importance (per)            budget                          allocation
     AdaLoRA       |w * g| EMA (triplet)       cubic decay init -> target      keep the b best triplets (mask lambda)
     IncreLoRA     |dW * dL/d(dW)| EMA (module) +rank_step every interval      grow the top_h modules
-    TriAdaptLoRA  see triadaptlora.py
+    TriAdaptLoRA  change of ||C||_F / blocks    +rank_step every interval      grow the modules over a threshold
+                  (module, no EMA)              (n modules rising with u)       (n-th best score)
 
 Each is registered for its config with `register_schedule`, so `peftkit.schedule_for(model, total)`
 builds it and peftkit's training loop runs it without being asked.
@@ -18,12 +19,14 @@ from ..core.config import ConfigError
 from ..core.schedule import register_schedule
 from ..methods.adalora import AdaLoRAConfig, check_budget_span
 from ..methods.increlora import IncreLoRAConfig
+from ..methods.triadaptlora import TriAdaptLoRAConfig
 from .rank_budget import (
     RankBudgetSchedule,
     cubic_budget,
     growth_events_needed,
     keep_top,
     mean_over_ranks,
+    modules_to_grow,
     sensitivity,
     top_modules,
     unit_norm,
@@ -180,3 +183,55 @@ class IncreLoRASchedule(RankBudgetSchedule):
 @register_schedule(IncreLoRAConfig)
 def increlora_schedule(model: nn.Module, cfg: IncreLoRAConfig, total_steps: int | None) -> IncreLoRASchedule:
     return IncreLoRASchedule(model, cfg, total_steps)
+
+
+class TriAdaptLoRASchedule(RankBudgetSchedule):
+    """Every incre_interval steps after init_warmup, the modules whose ||C||_F / n_blocks grew most since
+    the previous growth event grow by rank_step; how many (the dynamic threshold) rises with progress."""
+
+    def __init__(self, model: nn.Module, cfg: TriAdaptLoRAConfig, total_steps: int | None) -> None:
+        super().__init__(model, cfg, total_steps)
+        self.target = cfg.target_rank * len(self.layers)
+        first = (cfg.init_warmup // cfg.incre_interval + 1) * cfg.incre_interval
+        if first > self.total and self.total_rank() < self.target:
+            raise ConfigError(f"TriAdaptLoRA's first growth step ({first}) comes after training ends at step "
+                              f"{self.total}; lower init_warmup or incre_interval, or train longer")
+        self.counters = {"growth_events": 0, **{f"norm/{n}": 0.0 for n in self.layers}}  # C starts at 0
+
+    def total_rank(self) -> int:
+        return sum(layer.active for layer in self.layers.values())
+
+    def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        growth_step = step > self.cfg.init_warmup and step % self.cfg.incre_interval == 0
+        if growth_step and self.total_rank() < self.target:
+            self._grow(step)
+
+    def scores(self) -> dict[str, float]:
+        """Change of each module's normalized Frobenius norm since the last call (which records the new norms)."""
+        out = {}
+        for name, layer in self.layers.items():
+            norm = layer.core_norm().item()
+            out[name], self.counters[f"norm/{name}"] = norm - self.counters[f"norm/{name}"], norm
+        return out
+
+    def _grow(self, step: int) -> None:
+        scores, remaining, step_size = self.scores(), self.target - self.total_rank(), self.cfg.rank_step_value()
+        names = [n for n, layer in self.layers.items() if layer.active < layer.capacity]
+        progress = (step - self.cfg.init_warmup) / max(self.total - self.cfg.init_warmup, 1)
+        needed = -(-remaining // step_size)  # more modules than this would add nothing
+        count = min(modules_to_grow(remaining, progress, self.cfg.threshold, len(names)), needed)
+        for i in top_modules(torch.tensor([scores[n] for n in names]), count):
+            layer = self.layers[names[i]]
+            add = min(step_size, remaining, layer.capacity - layer.active)  # the last event is clipped
+            layer.grow(add)
+            remaining -= add
+        self.counters["growth_events"] += 1
+
+    def ranks(self) -> dict[str, int]:
+        """Current rank of every module."""
+        return {n: layer.active for n, layer in self.layers.items()}
+
+
+@register_schedule(TriAdaptLoRAConfig)
+def triadaptlora_schedule(model: nn.Module, cfg: TriAdaptLoRAConfig, total_steps: int | None) -> TriAdaptLoRASchedule:
+    return TriAdaptLoRASchedule(model, cfg, total_steps)
