@@ -180,15 +180,17 @@ class KronAdd(torch.autograd.Function):
         (a1, a2), (b1, b2) = a.shape, b.shape
         g = grad.reshape(-1, a1, b1).to(a.dtype)  # (tokens, a1, b1)
         tokens = g.shape[0]
-        gt = _middle_first(g, tokens, a1, b1)  # (a1, tokens b1)
-        h = (a.t() @ gt).view(a2, tokens, b1).transpose(0, 1).reshape(-1, b1)  # H = A^T G per token, (tokens a2, b1)
         xs = x.reshape(-1, b2).to(a.dtype)  # (tokens a2, b2)
-        dx = (h @ b).mul_(ctx.scaling).view(x.shape).to(x.dtype) if ctx.needs_input_grad[1] else None
-        db = (h.t() @ xs).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # (b1, b2)
+        gt = _middle_first(g, tokens, a1, b1)  # (a1, tokens b1)
         da = None
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # dA = sum_t G_t Z_t^T
             zt = _middle_first(xs @ b.t(), tokens, a2, b1)  # (a2, tokens b1)
             da = (gt @ zt.t()).mul_(ctx.scaling)  # (a1, a2)
+            del zt  # freed before the next x-sized temporaries: a lower peak in backward
+        h = (a.t() @ gt).view(a2, tokens, b1).transpose(0, 1).reshape(-1, b1)  # H = A^T G per token, (tokens a2, b1)
+        del gt
+        dx = (h @ b).mul_(ctx.scaling).view(x.shape).to(x.dtype) if ctx.needs_input_grad[1] else None
+        db = (h.t() @ xs).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # dB = sum_t H_t^T X_t
         return grad, dx, da, db, None
 
 
