@@ -25,15 +25,15 @@ Choices (the spec leaves them open):
   runs use r = 2, s = 0.1, dropout 0.2 (tuned for 1k examples), the NLU scripts r = 4 and r_s = 8.
   Default targets are the paper's: each block's attention output and MLP down projection.
 
-Forward: the sequential branch must see h, and dL/dA_s = D^T h needs h in backward. Saving h would
-keep one (tokens, d_out) tensor per layer; `BranchAdd` instead rebuilds D^T h = (D^T x) W0^T +
-colsum(D) b0^T from x (saved anyway) and the frozen W0: r x d_in x d_out work with no token
-dimension. So both branches add into h in place and keep only (tokens, rank) tensors, like LoRA.
+Forward: the sequential branch reads h = W0 x + b0, so A_s h + a_s = (A_s W0) x + (a_s + A_s b0) and
+both branches are one low-rank update of x with stacked factors A = [A_p; A_s W0] (r + r_s, d_in),
+B = [B_p, B_s]: LoRA's in-place kernel (`lowrank.add_low_rank`) with rank r + r_s. A_s W0 costs
+r_s d_out d_in per step (no token dimension) and autograd carries the gradients back through the
+stacking; backward keeps x and a (tokens, r + r_s) tensor, like LoRA, and never saves h.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -86,30 +86,22 @@ class HydraConfig(AdapterConfig):
             raise ConfigError(f"Hydra scaling must be a number, got {self.scaling!r}")
 
 
-class BranchAdd(torch.autograd.Function):
-    """y + s (B dropout(A u + a) + c), added into y in place; u = x, or u = y itself when `base` is given.
+class BiasedLowRankAdd(torch.autograd.Function):
+    """y + s (B dropout(A x + a) + c) added into y in place: the dropout/bias form of `LowRankAdd`.
 
-    Backward saves x, the (tokens, rank) branch activation and its dropout mask. For the sequential
-    branch (u = h = base(x)) the gradient of A is rebuilt from x and the base weight, and the
-    gradient reaching h is dL/dy + D A (D: the gradient at A u + a).
+    Backward saves x, the (tokens, rank) activation after dropout and the scaled keep-mask.
     """
 
     @staticmethod
-    def forward(ctx, y, x, down, down_bias, up, up_bias, scaling: float, p: float, base: nn.Module | None):
-        u = y if base is not None else x
-        hid = u.reshape(-1, u.shape[-1]) @ down.t()  # (tokens, rank), computed before y changes
-        if down_bias is not None:
-            hid += down_bias
-        mask = torch.empty_like(hid).bernoulli_(1 - p).div_(1 - p) if p > 0 else None
-        if mask is not None:
-            hid *= mask
+    def forward(ctx, y, x, down, down_bias, up, up_bias, scaling: float, p: float):
+        hid = torch.addmm(down_bias, x.reshape(-1, x.shape[-1]), down.t())  # (tokens, rank)
+        mask = torch.empty_like(hid).bernoulli_(1 - p).div_(1 - p)
+        hid *= mask
         y2 = y.view(-1, y.shape[-1])  # (tokens, d_out)
-        y2.addmm_(hid, up.t(), alpha=scaling)
-        if up_bias is not None:
-            y2.add_(up_bias, alpha=scaling)
+        y2.addmm_(hid, up.t(), alpha=scaling).add_(up_bias, alpha=scaling)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, hid, mask, down, up)
-        ctx.scaling, ctx.base = scaling, base
+        ctx.scaling = scaling
         return y
 
     @staticmethod
@@ -117,28 +109,31 @@ class BranchAdd(torch.autograd.Function):
         x, hid, mask, down, up = ctx.saved_tensors
         need = ctx.needs_input_grad
         g2 = grad.reshape(-1, grad.shape[-1])  # (tokens, d_out)
-        d_hid = (g2 @ up).mul_(ctx.scaling)  # (tokens, rank)
-        d_pre = d_hid if mask is None else d_hid.mul_(mask)
+        d_pre = (g2 @ up).mul_(mask).mul_(ctx.scaling)  # (tokens, rank): gradient at A x + a
+        dx = (d_pre @ down).view(x.shape) if need[1] else None
+        d_down = d_pre.t() @ x.reshape(-1, x.shape[-1]) if need[2] else None  # (rank, d_in)
         d_up = (hid.t() @ g2).mul_(ctx.scaling).t() if need[4] else None  # (d_out, rank)
         d_up_bias = g2.sum(0).mul_(ctx.scaling) if need[5] else None
-        d_down_bias = d_pre.sum(0) if need[3] else None
-        x2 = x.reshape(-1, x.shape[-1])  # (tokens, d_in)
-        if ctx.base is None:
-            d_down = d_pre.t() @ x2 if need[2] else None  # (rank, d_in)
-            dx = (d_pre @ down).view(x.shape) if need[1] else None
-            return grad, dx, d_down, d_down_bias, d_up, d_up_bias, None, None, None
-        d_down = _grad_through_base(ctx.base, d_pre, x2).to(down.dtype) if need[2] else None  # (rank, d_out)
-        dh = torch.addmm(g2, d_pre, down).view(grad.shape)  # dL/dh: direct, plus through A h
-        return dh, None, d_down, d_down_bias, d_up, d_up_bias, None, None, None
+        return grad, dx, d_down, d_pre.sum(0), d_up, d_up_bias, None, None
 
 
-def _grad_through_base(base: nn.Module, d_pre: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """D^T h for h = x W0^T + b0, without h: (D^T x) W0^T + colsum(D) b0^T, shape (rank, d_out)."""
-    w0, b0 = weights.get_weight(base), weights.get_bias(base)
-    dx_part = (d_pre.t().to(x2.dtype) @ x2).to(w0.dtype) @ w0.t()
-    if b0 is not None:
-        dx_part = dx_part + torch.outer(d_pre.sum(0).to(b0.dtype), b0)
-    return dx_part
+def add_biased_low_rank(y, x, down, down_bias, up, up_bias, scaling: float, p: float) -> torch.Tensor:
+    """y + s (B dropout(A x + a) + c): in place when dtypes agree (or under autocast), else out of place."""
+    device = x.device.type
+    factors = (down, down_bias, up, up_bias)
+    if torch.is_autocast_enabled(device) and y.dtype == torch.get_autocast_dtype(device) and y.is_contiguous():
+        with torch.autocast(device, enabled=False):
+            cast = [t.to(y.dtype) for t in factors]
+            return BiasedLowRankAdd.apply(y, x.to(y.dtype), *cast, scaling, p)
+    if x.dtype == y.dtype == down.dtype and y.is_contiguous() and not torch.is_autocast_enabled(device):
+        return BiasedLowRankAdd.apply(y, x, *factors, scaling, p)
+    hid = F.dropout(F.linear(x.to(down.dtype), down, down_bias), p)  # (..., rank)
+    return y + (scaling * F.linear(hid, up, up_bias)).to(y.dtype)
+
+
+def _times(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a @ w in a's dtype; a low-precision base weight is multiplied in its own dtype (no fp32 copy of it)."""
+    return a @ w if a.dtype == w.dtype else (a.to(w.dtype) @ w).to(a.dtype)
 
 
 class HydraLinear(AdapterLayer):
@@ -168,33 +163,33 @@ class HydraLinear(AdapterLayer):
         """(A, a, B, c) of branch "par" or "seq" (a, c None without a base bias)."""
         return tuple(getattr(self, f"{name}_{part}") for part in ("down", "down_bias", "up", "up_bias"))
 
-    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        device = y.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else self.par_down.dtype
-        if not (y.dtype == dtype and y.is_contiguous() and (autocast or x.dtype == dtype)):
-            return self.reference_forward(x, y, p)  # mixed dtypes: out of place, as add_low_rank does
-        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
-            seq = [t if t is None else t.to(dtype) for t in self.branch("seq")]
-            y = BranchAdd.apply(y, x, *seq, self.scaling, p, self.base)  # reads h before adding into it
-            if p > 0:
-                par = [t if t is None else t.to(dtype) for t in self.branch("par")]
-                return BranchAdd.apply(y, x.to(dtype), *par, self.scaling, p, None)
-        a, a_bias, b, b_bias = self.branch("par")
-        y = add_low_rank(y, x, a, b, self.scaling)  # no dropout: B (A x + a) + c = B A x + (B a + c)
-        if a_bias is not None:
-            y = y.add_((self.scaling * (b @ a_bias + b_bias)).to(y.dtype))
-        return y
+    def stacked(self) -> tuple:
+        """Both branches as one low-rank update of x: A_s h + a_s = (A_s W0) x + (a_s + A_s b0), so
 
-    def reference_forward(self, x: torch.Tensor, h: torch.Tensor, p: float) -> torch.Tensor:
-        """Out of place, plain autograd: mixed dtypes (a bf16 base with fp32 branches) and odd layouts."""
-        out = h.to(self.par_down.dtype)
-        for name, u in (("par", x), ("seq", h)):
-            a, a_bias, b, b_bias = self.branch(name)
-            hid = F.dropout(F.linear(u.to(a.dtype), a, a_bias), p, self.training)
-            out = out + self.scaling * F.linear(hid, b, b_bias)
-        return out.to(h.dtype)
+        A = [A_p; A_s W0], a = [a_p; a_s + A_s b0], B = [B_p, B_s], c = c_p + c_s (a, c None without a bias).
+        Built with autograd each step (r_s d_out d_in work, no token dimension).
+        """
+        a_p, bias_p, b_p, c_p = self.branch("par")
+        a_s, bias_s, b_s, c_s = self.branch("seq")
+        w0, b0 = weights.get_weight(self.base), weights.get_bias(self.base)
+        down = torch.cat([a_p, _times(a_s, w0)])  # (r + r_s, d_in)
+        up = torch.cat([b_p, b_s], dim=1)  # (d_out, r + r_s)
+        if bias_p is None:
+            return down, None, up, None
+        return down, torch.cat([bias_p, bias_s + _times(a_s, b0)]), up, c_p + c_s
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        down, down_bias, up, up_bias = self.stacked()
+        p = self.dropout if self.training else 0.0
+        if p > 0:  # the biases sit inside the dropout: they are masked per token
+            if down_bias is None:
+                down_bias, up_bias = down.new_zeros(down.shape[0]), up.new_zeros(up.shape[0])
+            return add_biased_low_rank(y, x, down, down_bias, up, up_bias, self.scaling, p)
+        # one rank r + r_s update of the base output, in place (see lowrank.add_low_rank)
+        y = add_low_rank(y, x, down, up, self.scaling)
+        if down_bias is None:
+            return y
+        return y.add_((self.scaling * (up @ down_bias + up_bias)).to(y.dtype))  # B a + c: one vector
 
     # --- merging -----------------------------------------------------------------------------
     def _factors(self, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
