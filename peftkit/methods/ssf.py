@@ -83,7 +83,7 @@ def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
     """γ ⊙ y + β along `channel_dim` (γ of size 1 is a scalar scale).
 
     Channels-last outputs go through `ScaleShift` (in place, saving only the output, which the next
-    layer usually saves anyway), also for a bf16 output with fp32 γ, β (computed in fp32, rounded once).
+    layer usually saves anyway), also for a bf16 output with fp32 γ, β (γ, β are not rounded to bf16).
     Conv2d outputs go out of place: a CNN often follows a conv with an in-place ReLU, which would
     overwrite the output `ScaleShift` saves.
     """
@@ -161,17 +161,20 @@ def _channels_last_norm(module: nn.Module) -> bool:
 def _output_scales_with_weight(norm: nn.Module) -> bool:
     """True when norm(x) - c is proportional to the weight w (doubling w doubles it), so w' = γ w folds γ.
 
-    False for Gemma-style norms computing (1 + w) x̂. Deterministic probe input: no RNG is consumed.
+    False for Gemma-style norms computing (1 + w) x̂, and for a norm that cannot run on the probe (then
+    merging refuses rather than guess). Deterministic probe input: no RNG is consumed.
     """
     w = norm.weight
     x = torch.linspace(-2.0, 3.0, 2 * w.numel(), device=w.device).sin().view(2, -1).to(w.dtype)
     bias = getattr(norm, "bias", None)
     shift = 0.0 if bias is None else bias
-    before = norm(x) - shift
     original = w.detach().clone()
     try:
+        before = norm(x) - shift
         w.mul_(2.0)
         after = norm(x) - shift
+    except (RuntimeError, TypeError, ValueError):
+        return False
     finally:
         w.copy_(original)
     return bool(torch.allclose(after, 2.0 * before, rtol=1e-2, atol=1e-4))
