@@ -11,26 +11,29 @@ files convert both ways. Trainable parameters per layer: d_out r. Requires r | d
 Merge writes W; unmerge solves W0_ij = (W_ij - b_i)(I + b_i)^{-1} (exact up to round-off; a
 singular I + b_i raises MergeError). Linear layers (nn.Linear, GPT-2 Conv1D); peft has nn.Linear only.
 
-Forward. dW depends on W0, so some weight-sized work per step is unavoidable; measured on one
-layer (fp32, 1 thread, 1024 tokens, r = 64, forward + backward, medians of 12 interleaved runs,
-shared CPU, noisy; "floor" = the frozen layer with input gradients only):
+Forward. dW depends on W0, so some weight-sized work per step is unavoidable. Measured on one
+layer (fp32, 1 thread, 1024 tokens, r = 64, forward + backward, CPU time, medians of 15 interleaved
+runs on a shared machine, so noisy; "floor" = the frozen layer with input gradients only):
 
     (d_out, d_in)                   (384, 384)  (1024, 384)  (384, 1024)
-    floor                              1.00x       1.00x        1.00x
-    peft's form (W in autograd)        1.66x       1.68x        1.68x
+    peft's form (W in autograd)        1.66x       1.69x        1.65x
     batched y_i = sum_j W0_ij (b_i x_j) + b_i sum_j x_j
-                                       4.9x        5.0x         4.7x
-    this Function, W recomputed        1.69x       1.67x        1.67x
-    this Function, W saved             1.60x       1.61x        1.60x
+                                       5.8x        7.1x         6.3x
+    this Function, W recomputed        1.69x       1.67x        1.63x
+    this Function, W saved             1.61x       1.60x        1.57x
 
 The batched form applies d_out/r different transforms to x: a (tokens, d_out/r, d_in) tensor and
 twice the base's arithmetic. The merged form needs three GEMMs of the base's size (y = x W^T,
 dx = g W, and dL/dW = g^T x, from which db_i = sum_j W0_ij^T dW_ij + sum_j dW_ij) plus three
-d_out x d_in x r products; the GEMM count is the floor (2) plus the weight gradient, which no exact
-form avoids (db is a W0-weighted contraction of g^T x). `BlockAffineLinear` builds W under no_grad
-and computes the gradients by hand, so autograd keeps neither W nor dW. W is recomputed in backward
-rather than saved: ~3% slower per layer, but saving it would hold a weight-sized tensor per adapted
-layer until backward (+42 MB on the 16.8M-parameter benchmark Llama with all 7 projections).
+d_out x d_in x r products (r / tokens = 6% of a GEMM each); the GEMM count is the floor's two plus
+the weight gradient, which no exact form avoids (db is a W0-weighted contraction of g^T x, and any
+per-token route costs as much). `BlockAffineLinear` builds W under no_grad and computes the
+gradients by hand, so autograd keeps neither W nor dW, and recomputes W in backward rather than
+saving it. On the 16.8M-parameter benchmark Llama (all 7 projections, r = 64, batch 4 x 256, AdamW,
+CPU time, 1 thread, interleaved in one process): floor 1.00x, LoRA r16 1.11x, this 1.36x, the same
+with W saved 1.33x, peft's MiSS "bat" 1.38x. The weight gradient alone is ~1.25x there; saving W
+would hold a weight-sized tensor per layer until backward (+42 MB, ~1.14x LoRA r16's peak memory,
+against ~1.05x now), so W is recomputed.
 """
 
 from __future__ import annotations

@@ -29,7 +29,10 @@ Forward: the sequential branch reads h = W0 x + b0, so A_s h + a_s = (A_s W0) x 
 both branches are one low-rank update of x with stacked factors A = [A_p; A_s W0] (r + r_s, d_in),
 B = [B_p, B_s]: LoRA's in-place kernel (`lowrank.add_low_rank`) with rank r + r_s. A_s W0 costs
 r_s d_out d_in per step (no token dimension) and autograd carries the gradients back through the
-stacking; backward keeps x and a (tokens, r + r_s) tensor, like LoRA, and never saves h.
+stacking; backward keeps x and a (tokens, r + r_s) tensor, like LoRA, and never saves h. On the
+16.8M-parameter benchmark Llama (all 7 projections, r = r_s = 8, CPU time, 1 thread, interleaved,
+noisy): 1.15x the floor step, LoRA r16 1.14x (1.27x with two branch Functions and a saved h);
+peak memory within noise of LoRA r16's.
 """
 
 from __future__ import annotations
