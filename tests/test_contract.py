@@ -23,6 +23,7 @@ from peftkit.core.inject import find_targets
 from peftkit.methods.adalora import AdaLoRAConfig
 from peftkit.methods.bone import BoneConfig
 from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.dept import DePTConfig
 from peftkit.methods.difffit import DiffFitConfig
 from peftkit.methods.dsee import DSEEConfig
 from peftkit.methods.hydra import HydraConfig
@@ -30,7 +31,9 @@ from peftkit.methods.increlora import IncreLoRAConfig
 from peftkit.methods.kronecker import DiffuseKronAConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.loldu import LoLDUConfig
+from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.pego import PEGOConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig, kv_shape
 from peftkit.methods.randlora import RandLoRAConfig
 from peftkit.methods.selective import BitFitConfig, LNTuningConfig
 from peftkit.methods.ssf import SSFConfig
@@ -210,6 +213,32 @@ def prompt_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * model.get_input_embeddings().weight.shape[1]
 
 
+def prefix_count(model, cfg) -> int:
+    """2 L n d_kv; with the MLP: n d + d h + h + 2 L d_kv (h + 1)."""
+    layers, heads, head_dim = kv_shape(model)
+    width, d, n = 2 * layers * heads * head_dim, model.config.hidden_size, cfg.num_virtual_tokens
+    if not cfg.projection:
+        return n * width
+    h = cfg.projection_hidden or d
+    return n * d + d * h + h + width * (h + 1)
+
+
+def p_tuning_count(model, cfg) -> int:
+    """n d + encoder: MLP d-h-h-d, or a bidirectional LSTM (4 gates, two biases) and a 2h-2h-d head."""
+    d, n = model.config.hidden_size, cfg.num_virtual_tokens
+    h = cfg.encoder_hidden or d
+    if cfg.encoder == "mlp":
+        return n * d + (d * h + h) + (h * h + h) + (h * d + d)
+    lstm = sum(2 * 4 * h * ((d if i == 0 else 2 * h) + h + 2) for i in range(cfg.encoder_layers))
+    return n * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+
+
+def dept_count(model, cfg) -> int:
+    """m d + s r + r d."""
+    d = model.config.hidden_size
+    return cfg.num_virtual_tokens * d + cfg.max_length * cfg.r + cfg.r * d
+
+
 def full_count(model, cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -256,6 +285,20 @@ ROWS = [
     *[Row(lambda: peftkit.IA3Config(), m, ia3_count) for m in LLM],
     *[Row(lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3), m, prompt_count, identity_at_init=False,
           mergeable=False) for m in LLM],
+    *[Row(lambda: PrefixTuningConfig(num_virtual_tokens=3), m, prefix_count, identity_at_init=False, mergeable=False)
+      for m in LLM],
+    Row(lambda: PrefixTuningConfig(num_virtual_tokens=2, projection=True, projection_hidden=8), "gpt2", prefix_count,
+        identity_at_init=False, mergeable=False, id="prefix-tuning-projection-gpt2"),
+    Row(lambda: PrefixTuningConfig(num_virtual_tokens=2, init="random", shift_positions=False), "llama", prefix_count,
+        identity_at_init=False, mergeable=False, id="prefix-tuning-random-unshifted-llama"),
+    *[Row(lambda: PTuningConfig(num_virtual_tokens=3, encoder_hidden=8), m, p_tuning_count, identity_at_init=False,
+          mergeable=False) for m in LLM],
+    Row(lambda: PTuningConfig(num_virtual_tokens=2, encoder="lstm", encoder_hidden=4), "llama", p_tuning_count,
+        identity_at_init=False, mergeable=False, id="p-tuning-lstm-llama"),
+    *[Row(lambda: DePTConfig(num_virtual_tokens=2, r=2, max_length=8), m, dept_count, identity_at_init=False,
+          mergeable=False) for m in LLM],
+    Row(lambda: DePTConfig(num_virtual_tokens=0, r=2, max_length=4, init="random"), "llama", dept_count,
+        mergeable=False, id="dept-no-prompt-short-s-llama"),  # B = 0 and m = 0: the base model; 6 tokens > s = 4
     *[Row(lambda: SVFitConfig(r=4), m, svfit_count) for m in ("mlp", "llama", "gpt2")],
     Row(lambda: SVFitConfig(energy=0.9), "llama", svfit_count, id="svfit-energy"),
     *[Row(lambda: LoLDUConfig(r=4, alpha=4), m, loldu_count) for m in ("mlp", "llama", "gpt2")],

@@ -34,11 +34,17 @@ class AdapterLayer(nn.Module):
     peft_names: dict[str, str] = {}
     """Local parameter name -> Hugging Face peft key suffix, for methods peft also has."""
 
+    merge_adds_bias: bool = False
+    """True when `merged_bias` shifts the output even with a zero bias (LoFiT's W_o v): merging a base
+    without a bias then gives it one (`weights.set_bias`), and unmerging removes it again."""
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.merged = False
         self.enabled = True
+        self.added_bias = False
+        """Set while merged when merging created the base's bias (see `merge_adds_bias`)."""
         self._register_state_dict_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
@@ -80,6 +86,12 @@ class AdapterLayer(nn.Module):
     def restore_base(self) -> None:
         """Undo any change the init made to the base weight (called before unloading unmerged)."""
 
+    def learning_rates(self, base_lr: float) -> dict[str, float]:
+        """Learning rates of the adapter's own parameters that differ from the training lr `base_lr`, by
+        local name (DePT trains its prompt and its embedding update with two); `core.params.param_groups`
+        turns them into optimizer parameter groups. Parameters not named here train with `base_lr`."""
+        return {}
+
     def on_attach(self, root: nn.Module) -> None:
         """Install anything the method needs on the whole model (e.g. a forward pre-hook)."""
 
@@ -113,15 +125,22 @@ class AdapterLayer(nn.Module):
         """Fold the adapter into the base weights; `safe` refuses non-finite results."""
         if self.merged:
             return
-        new_weight = self.merged_weight(weights.get_weight(self.base).float())
+        weight = weights.get_weight(self.base)
+        new_weight = self.merged_weight(weight.float())
         bias = weights.get_bias(self.base)
+        adds_bias = bias is None and self.merge_adds_bias
+        if adds_bias and not weights.can_add_bias(self.base):
+            raise MergeError(f"{type(self).__name__} folds into a bias, and {type(self.base).__name__} has none "
+                             "that peftkit can add; use the adapter unmerged")
+        if adds_bias:
+            bias = torch.zeros(weight.shape[0], device=weight.device)
         new_bias = None if bias is None else self.merged_bias(bias.float())
         if safe and not bool(torch.isfinite(new_weight).all()):
             raise MergeError(f"merging {type(self).__name__} gives non-finite weights; base left unchanged")
         weights.set_weight(self.base, new_weight)
         if new_bias is not None:
             weights.set_bias(self.base, new_bias)
-        self.merged = True
+        self.merged, self.added_bias = True, adds_bias
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -130,9 +149,11 @@ class AdapterLayer(nn.Module):
             return
         weights.set_weight(self.base, self.unmerged_weight(weights.get_weight(self.base).float()))
         bias = weights.get_bias(self.base)
-        if bias is not None:
+        if self.added_bias:
+            weights.remove_bias(self.base)
+        elif bias is not None:
             weights.set_bias(self.base, self.unmerged_bias(bias.float()))
-        self.merged = False
+        self.merged, self.added_bias = False, False
 
     def peft_key(self, module_name: str, local: str) -> str:
         """The key of one of this layer's tensors in a Hugging Face peft adapter file."""

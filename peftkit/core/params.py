@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .inject import matches
+from .layer import AdapterLayer
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,27 @@ def trainable_parameters(model: nn.Module) -> TrainableCount:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return TrainableCount(trainable, total)
+
+
+def param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer parameter groups of the model's trainable parameters: one per learning rate.
+
+    Every parameter trains with `lr` unless its AdapterLayer's `learning_rates(lr)` names another
+    one (DePT's prompt and embedding update). A method that asks for nothing gives one group, the
+    same as passing the trainable parameters themselves. peftkit's training loop uses this; in a
+    plain loop: `torch.optim.AdamW(param_groups(model, lr=1e-3))`.
+    """
+    rates: dict[int, float] = {}
+    for layer in (m for m in model.modules() if isinstance(m, AdapterLayer)):
+        own = dict(layer.named_parameters())
+        rates.update({id(own[name]): value for name, value in layer.learning_rates(lr).items()})
+    groups: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            groups.setdefault(rates.get(id(p), lr), []).append(p)
+    return [{"params": params, "lr": rate} for rate, params in groups.items()]
 
 
 def freeze(model: nn.Module) -> None:

@@ -4,10 +4,10 @@ arXiv:2104.08691).
     inputs_embeds = [P ; E(input_ids)],   P in R^{n x d},
 
 with the attention mask padded by n ones, labels by n values of -100 and token_type_ids by zeros.
-The layer wraps the model's input embedding module (it owns P) and installs a forward pre-hook on
-the model that rewrites the call's arguments; nothing else changes, so `generate` works: the prompt
-goes in on the first step, later steps (with a non-empty cache) only get the padded mask and
-shifted cache positions. Not mergeable (the sequence gets longer). Trainable: n * d.
+The layer wraps the model's input embedding module (it owns P); the forward pre-hook on the model
+that rewrites the call's arguments is shared with P-tuning and DePT (soft_prompt.py). Nothing else
+changes, so `generate` works: the prompt goes in on the first step, later steps (with a non-empty
+cache) only get the padded mask. Not mergeable (the sequence gets longer). Trainable: n * d.
 
 Inits (`PromptTuningConfig.init`): "vocab" copies the embeddings of random vocabulary tokens (the
 sampled-vocabulary init of the paper, which trains far better than N(0, 1) at small budgets);
@@ -26,8 +26,9 @@ from ..core import peft_format
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import get_module
-from ..core.layer import AdapterLayer
 from ..core.registry import register
+from .lora import adapter_dtype
+from .soft_prompt import SoftPromptLayer, init_rows
 
 
 @dataclass
@@ -107,94 +108,29 @@ class PromptTuningConfig(AdapterConfig):
                    modules_to_save=peft_format.peft_saved_modules(data))
 
 
-class PromptEmbedding(AdapterLayer):
-    """Holds the soft prompt on the input embeddings; the root pre-hook splices it in."""
+class PromptEmbedding(SoftPromptLayer):
+    """Holds the soft prompt on the input embeddings; the model's pre-hook (soft_prompt.py) splices it in."""
 
-    mergeable = False
     peft_names = {"prompt": "prompt_embeddings"}
 
     def __init__(self, base: nn.Embedding, cfg: PromptTuningConfig) -> None:
-        super().__init__(base)
+        super().__init__(base, cfg.num_virtual_tokens)
         self.cfg = cfg
         w = base.weight
         self.prompt = nn.Parameter(torch.zeros(cfg.num_virtual_tokens, w.shape[1], device=w.device,
-                                               dtype=torch.float32 if w.dtype != torch.float64 else w.dtype))
-        self._hook = None
+                                               dtype=adapter_dtype(w)))
 
     def peft_key(self, module_name: str, local: str) -> str:
         return "prompt_embeddings"  # peft stores prompt learning weights without a module path
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        n, table = self.prompt.shape[0], self.base.weight
-        if self.cfg.init == "random":
-            self.prompt.copy_(torch.randn(self.prompt.shape, generator=gen))
-        elif self.cfg.init == "vocab":
-            ids = torch.randint(0, table.shape[0], (n,), generator=gen)
-            self.prompt.copy_(table[ids.to(table.device)])
-        else:
-            from transformers import AutoTokenizer
+        cfg = self.cfg
+        self.prompt.copy_(init_rows(self.base.weight, self.prompt.shape[0], cfg.init, cfg.seed, cfg.init_text,
+                                    cfg.tokenizer))
 
-            ids = AutoTokenizer.from_pretrained(self.cfg.tokenizer)(self.cfg.init_text)["input_ids"]
-            ids = torch.tensor((ids * (n // max(len(ids), 1) + 1))[:n], device=table.device)
-            self.prompt.copy_(table[ids])
-
-    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return y  # the embedding itself is unchanged; the prompt is prepended by the root hook
-
-    def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
-        """[P ; embeds] for a batch of embeddings (batch, seq, d) -> (batch, n + seq, d)."""
-        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-        return torch.cat([prompt, embeds], dim=1)
-
-    def on_attach(self, root: nn.Module) -> None:
-        self._hook = root.register_forward_pre_hook(self._rewrite_inputs, with_kwargs=True)
-
-    def on_detach(self, root: nn.Module) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _rewrite_inputs(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if not self.enabled or self.prompt.shape[0] == 0:
-            return args, kwargs
-        if args:  # input_ids given positionally
-            kwargs, args = {"input_ids": args[0], **kwargs}, args[1:]
-        n = self.prompt.shape[0]
-        past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5 generate passes `cache`
-        first_step = past is None or _cache_length(past) == 0
-        ids = kwargs.pop("input_ids", None)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = self.base(ids)
-        batch = embeds.shape[0]
-        if first_step:
-            kwargs["inputs_embeds"] = self.prepend(embeds)
-            _pad(kwargs, "labels", n, -100, batch)
-            _pad(kwargs, "token_type_ids", n, 0, batch)
-        else:
-            kwargs["inputs_embeds"] = embeds
-        _pad(kwargs, "attention_mask", n, 1, batch)
-        if "position_ids" in kwargs:
-            kwargs["position_ids"] = None  # let the model count positions over prompt + tokens
-        if kwargs.get("cache_position") is not None:
-            pos = kwargs["cache_position"] + n
-            kwargs["cache_position"] = torch.cat([torch.arange(n, device=pos.device), pos]) if first_step else pos
-        return args, kwargs
-
-
-def _cache_length(past) -> int:
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2]) if past else 0
-
-
-def _pad(kwargs: dict, key: str, n: int, value: int, batch: int) -> None:
-    tensor = kwargs.get(key)
-    if tensor is not None and tensor.dim() == 2:  # per-token tensors only (class labels are 1-D)
-        pad = torch.full((batch, n), value, dtype=tensor.dtype, device=tensor.device)
-        kwargs[key] = torch.cat([pad, tensor], dim=1)
+    def soft_prompt(self) -> torch.Tensor:
+        return self.prompt
 
 
 @register(PromptTuningConfig)

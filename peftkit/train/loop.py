@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from ..core.apply import has_adapter
 from ..core.config import ConfigError
 from ..core.io import save
-from ..core.params import trainable_parameters
+from ..core.params import param_groups, trainable_parameters
 from ..core.schedule import MethodSchedule, schedule_for
 from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig  # noqa: F401  (re-exported: the loop's settings)
@@ -92,10 +92,14 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
 
 
 def _build_optimizer(model: nn.Module, params: list[nn.Parameter], optimizer, cfg: TrainConfig):
-    """AdamW over the trainable parameters, unless given an optimizer or a param-group builder."""
+    """AdamW over the trainable parameters, unless given an optimizer or a param-group builder.
+
+    By default one group per learning rate the adapter asks for (`param_groups`: DePT trains its
+    prompt and its embedding update with two); one group, at `cfg.lr`, for most methods.
+    """
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
-    groups = optimizer(model) if callable(optimizer) else params
+    groups = optimizer(model) if callable(optimizer) else param_groups(model, cfg.lr)
     if isinstance(groups, torch.optim.Optimizer):
         return groups
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
