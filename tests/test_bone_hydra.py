@@ -268,8 +268,9 @@ def test_hydra_forward_and_gradients_match_the_two_branch_formula(bias):
         torch.testing.assert_close(grads[f"0.{name}"], param.grad, atol=1e-10, rtol=0, msg=name)
 
 
-def test_hydra_dropout_sits_between_down_and_up():
-    model, w0, b0 = _hydra_model(dropout=0.4)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_hydra_dropout_sits_between_down_and_up(bias):
+    model, w0, b0 = _hydra_model(bias, dropout=0.4)
     layer = model[0].train()
     x = torch.randn(7, 12, dtype=torch.float64)
     torch.manual_seed(5)

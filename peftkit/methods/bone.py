@@ -38,6 +38,7 @@ against ~1.05x now), so W is recomputed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -213,9 +214,7 @@ class BoneLinear(AdapterLayer):
 
 
 def _divisors(d_in: int, d_out: int) -> list[int]:
-    from math import gcd
-
-    g = gcd(d_in, d_out)
+    g = math.gcd(d_in, d_out)
     return [k for k in range(1, g + 1) if g % k == 0][-6:]
 
 

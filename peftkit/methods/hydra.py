@@ -116,8 +116,9 @@ class BiasedLowRankAdd(torch.autograd.Function):
         dx = (d_pre @ down).view(x.shape) if need[1] else None
         d_down = d_pre.t() @ x.reshape(-1, x.shape[-1]) if need[2] else None  # (rank, d_in)
         d_up = (hid.t() @ g2).mul_(ctx.scaling).t() if need[4] else None  # (d_out, rank)
+        d_down_bias = d_pre.sum(0) if need[3] else None
         d_up_bias = g2.sum(0).mul_(ctx.scaling) if need[5] else None
-        return grad, dx, d_down, d_pre.sum(0), d_up, d_up_bias, None, None
+        return grad, dx, d_down, d_down_bias, d_up, d_up_bias, None, None
 
 
 def add_biased_low_rank(y, x, down, down_bias, up, up_bias, scaling: float, p: float) -> torch.Tensor:
