@@ -1,6 +1,6 @@
 """Command line: `peftkit demo | train | methods | merge | export`.
 
-    peftkit demo [--task text|lm] [--methods lora,dora] [--quick]
+    peftkit demo [--task text|lm|vision] [--methods lora,dora] [--quick]
     peftkit train config.yaml [--key value ...] [--resume]   (`--help` documents every field)
     peftkit methods [--model PATH]
     peftkit merge --base PATH --adapter DIR --out DIR
@@ -79,7 +79,10 @@ def _count_on(model, cfg) -> str:
 
 def _load_base(name_or_path: str, task: str | None = None):
     from .train.models import load_model
+    from .train.vision import is_vision_model_dir
 
+    if task is None and is_vision_model_dir(name_or_path):
+        task = "image-classification"
     task = task or ("classification" if name_or_path == "minilm" else "causal-lm")
     return load_model(name_or_path, task)
 
@@ -101,7 +104,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     plain = peftkit.unload(peftkit.merge(model))
     plain.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)  # the merged directory loads on its own
+    if tokenizer is not None:  # vision models have none
+        tokenizer.save_pretrained(args.out)  # the merged directory loads on its own
     print(f"merged model written to {args.out}")
     return 0
 
@@ -120,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune several methods offline and compare them")
-    demo.add_argument("--task", choices=["text", "lm"], default="text")
+    demo.add_argument("--task", choices=["text", "lm", "vision"], default="text")
     demo.add_argument("--methods", help="comma-separated subset of the demo's methods")
     demo.add_argument("--steps", type=int, help="training steps per method (default: the task's budget)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
@@ -135,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--adapter", required=True)
         p.add_argument("--out", required=True)
-        p.add_argument("--base", help="base model: path, Hub name, minilm or smollm2 (default: the one the "
-                       "adapter records)")
+        p.add_argument("--base", help="base model: path, Hub name, minilm, smollm2, vit-fmnist or cnn-fmnist "
+                       "(default: the one the adapter records)")
         p.add_argument("--allow-different-base", action="store_true")
-        p.add_argument("--task", choices=["classification", "causal-lm"], help="default: guessed from the base")
+        p.add_argument("--task", choices=["classification", "causal-lm", "image-classification"],
+                       help="default: guessed from the base")
         if name == "export":
             p.add_argument("--format", default="peft", choices=["peft", "peftkit"])
     return parser

@@ -4,6 +4,9 @@ all-MiniLM-L6-v2 was trained for mean pooling: behind the stock `AutoModelForSeq
 head (CLS token and a stale pooler), LoRA on query/value stayed at the majority-class rate in a
 64-step run, while a fresh linear head over the attention-masked mean of the last hidden states
 learns normally. `MeanPoolingClassifier` is that head.
+
+Vision models (task "image-classification") are the project's own small ViT and CNN, pretrained on
+Fashion-MNIST and shipped in the package; they live in `vision.py` and have no tokenizer (None).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from . import assets
+from .vision import BUILTINS as VISION_BUILTINS
+from .vision import is_vision_model_dir, load_vision_model
 
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "image-classification")
 HEAD_FILE = "classifier.safetensors"  # marks a saved MeanPoolingClassifier directory
 
 
@@ -87,7 +92,7 @@ class MeanPoolingClassifier(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def load_model(name_or_path: str, task: str, num_labels: int = 2,
+def load_model(name_or_path: str, task: str, num_labels: int | None = None,
                dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
     """A model and its tokenizer, ready to adapt.
 
@@ -97,31 +102,41 @@ def load_model(name_or_path: str, task: str, num_labels: int = 2,
       (the unused pooler is dropped so that adapters targeting "dense" do not land in dead weights).
     * "smollm2" (task "causal-lm"): SmolLM2-135M-Instruct as `LlamaForCausalLM`, from the cached
       checkpoint of `assets.smollm2_path()` (converted from the GGUF on first use, about 20 s).
+    * "vit-fmnist", "cnn-fmnist" (task "image-classification"): the project's ViT / CNN pretrained
+      on Fashion-MNIST, with a freshly initialised head (`vision.load_vision_model`);
+      a directory that `VisionClassifier.save_pretrained` wrote loads likewise. No tokenizer: None.
 
     Anything else is a local directory or a Hub name loaded with `AutoModelForSequenceClassification`
     ("classification", fresh head of `num_labels`) or `AutoModelForCausalLM` ("causal-lm").
     A tokenizer without a pad token gets its EOS token as pad token.
 
     Args:
-        name_or_path: "minilm", "smollm2", a directory or a Hub model name.
-        task: "classification" or "causal-lm".
-        num_labels: classes of the classification head.
+        name_or_path: "minilm", "smollm2", "vit-fmnist", "cnn-fmnist", a directory or a Hub model name.
+        task: "classification", "causal-lm" or "image-classification".
+        num_labels: classes of the classification head; None: 2 for text, and for vision the
+            built-in's 10 or a saved directory's own.
         dtype: parameter dtype (float32 for training on CPU).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    builtin_task = {"minilm": "classification", "smollm2": "causal-lm"}.get(name_or_path)
+    builtin_task = {"minilm": "classification", "smollm2": "causal-lm",
+                    **dict.fromkeys(VISION_BUILTINS, "image-classification")}.get(name_or_path)
     if builtin_task is not None and task != builtin_task:
         raise ValueError(f"built-in model {name_or_path!r} supports task {builtin_task!r}, not {task!r}")
+    if task == "image-classification":
+        if not is_vision_model_dir(name_or_path):
+            raise ValueError(f"task 'image-classification' needs a peftkit vision model ({', '.join(VISION_BUILTINS)} "
+                             f"or a directory it saved); got {name_or_path!r}")
+        return load_vision_model(name_or_path, num_classes=num_labels, dtype=dtype), None
     if name_or_path == "minilm":
-        model, tokenizer = _load_minilm(num_labels, dtype)
+        model, tokenizer = _load_minilm(num_labels or 2, dtype)
     elif (Path(name_or_path) / HEAD_FILE).is_file():  # a merged MiniLM classifier that peftkit saved
         from transformers import AutoTokenizer
 
         model = MeanPoolingClassifier.from_pretrained(name_or_path, dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
-        model, tokenizer = _load_auto(name_or_path, task, num_labels, dtype)
+        model, tokenizer = _load_auto(name_or_path, task, num_labels or 2, dtype)
     if builtin_task is not None:
         model.config._name_or_path = name_or_path  # saved adapters name the built-in, not a site-packages path
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -6,6 +6,9 @@
     adapter: {r: 8, alpha: 16}                              # that method's config fields
     train:   {lr: 2.0e-3, max_steps: 100, batch_size: 16, output_dir: runs/lora}
 
+Vision: `model: {name: vit-fmnist, task: image-classification}` (or cnn-fmnist, or a directory a
+peftkit vision model was saved to) with `data: {dataset: mnist_5k}` (or digits, fashion_mnist).
+
 Overrides on the command line use a section and a field (`--train.lr 1e-3`, `--adapter.r 16`), or
 just the field when only one section has it (`--lr 1e-3`); values are parsed as YAML scalars.
 For classification, the fresh head is trained with every adapter method (it is added to
@@ -30,8 +33,12 @@ from ..core.inject import head_module_names
 from ..core.params import print_summary
 from ..core.registry import get_method, registered_methods
 from .data import CausalLMDataset, ClassificationDataset, collate, read_records
+from .images import DATASETS as IMAGE_DATASETS
+from .images import image_dataset
 from .loop import Dist, TrainConfig, evaluate, train
 from .models import load_model
+
+CLASSIFICATION_TASKS = ("classification", "image-classification")
 
 
 @dataclass
@@ -39,18 +46,21 @@ class ModelConfig:
     """Which model to fine-tune."""
 
     name: str = "minilm"
-    """Built-in "minilm" (all-MiniLM-L6-v2, mean-pooling classifier) or "smollm2" (SmolLM2-135M), a
-    local transformers directory, or a Hub name (needs a network)."""
+    """Built-in "minilm" (all-MiniLM-L6-v2, mean-pooling classifier), "smollm2" (SmolLM2-135M),
+    "vit-fmnist" or "cnn-fmnist" (the project's ViT / CNN pretrained on Fashion-MNIST, fresh head),
+    a local directory, or a Hub name (needs a network)."""
 
     task: str = "classification"
-    """"classification" (sequence labels) or "causal-lm" (next-token prediction)."""
+    """"classification" (sequence labels), "causal-lm" (next-token prediction) or
+    "image-classification" (the vision models)."""
 
     num_labels: int | None = None
     """Classes for classification; None counts the labels of the training data."""
 
     def __post_init__(self) -> None:
-        if self.task not in ("classification", "causal-lm"):
-            raise ConfigError(f"model.task must be 'classification' or 'causal-lm', got {self.task!r}")
+        if self.task not in CLASSIFICATION_TASKS + ("causal-lm",):
+            raise ConfigError(f"model.task must be 'classification', 'causal-lm' or 'image-classification', "
+                              f"got {self.task!r}")
 
 
 @dataclass
@@ -59,7 +69,8 @@ class DataConfig:
 
     dataset: str = "rotten_tomatoes"
     """Built-in "rotten_tomatoes" or "shakespeare", a local .csv/.jsonl/.json/.parquet file, or a Hub
-    dataset name (needs a network)."""
+    dataset name (needs a network); for image-classification the built-in "mnist_5k", "digits" or
+    "fashion_mnist" (fixed splits, see peftkit.train.images)."""
 
     eval_dataset: str | None = None
     """A separate evaluation file; None uses `eval_split` of `dataset` (a single local file: its last 10%)."""
@@ -172,9 +183,22 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def build_image_datasets(cfg: RunConfig) -> dict[str, Any]:
+    """Train / eval / test image datasets (test may be None) of a built-in image set."""
+    d = cfg.data
+    if d.dataset not in IMAGE_DATASETS or d.eval_dataset:
+        raise ConfigError(f"image-classification reads the built-in image sets {', '.join(IMAGE_DATASETS)} "
+                          f"(no eval_dataset); got dataset={d.dataset!r}, eval_dataset={d.eval_dataset!r}")
+    return {"train": image_dataset(d.dataset, "train", n=d.train_size),
+            "eval": image_dataset(d.dataset, d.eval_split, n=d.eval_size),
+            "test": image_dataset(d.dataset, d.test_split, n=d.test_size) if d.test_split else None}
+
+
 def build_datasets(cfg: RunConfig, tokenizer) -> dict[str, Any]:
     """Train / eval / test datasets for the run's task (test may be None)."""
     d = cfg.data
+    if cfg.model.task == "image-classification":
+        return build_image_datasets(cfg)
     train_records = read_records(d.dataset, "train")
     if d.eval_dataset:
         eval_records = read_records(d.eval_dataset)
@@ -202,7 +226,7 @@ def adapter_config(cfg: RunConfig, model) -> Any:
     """The method config, with the classification head trained where the user did not say otherwise."""
     fields = dict(cfg.adapter)
     method = get_method(cfg.method)
-    if cfg.model.task == "classification" and method.build is not None and "modules_to_save" not in fields:
+    if cfg.model.task in CLASSIFICATION_TASKS and method.build is not None and "modules_to_save" not in fields:
         fields["modules_to_save"] = sorted(n.split(".")[-1] for n in head_module_names(model))
     return method.config_cls.from_dict(fields)
 
@@ -212,11 +236,7 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict:
     import torch
 
     torch.manual_seed(cfg.train.seed)  # a fresh head and the adapter's init are part of the run: reproducible
-    model, tokenizer = load_model(cfg.model.name, cfg.model.task, num_labels=cfg.model.num_labels or 2)
-    data = build_datasets(cfg, tokenizer)
-    if cfg.model.task == "classification" and data["train"].num_labels != (cfg.model.num_labels or 2):
-        model, tokenizer = load_model(cfg.model.name, cfg.model.task, num_labels=data["train"].num_labels)
-    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    model, data, collate_fn = _model_and_data(cfg)
     testing = data["test"] is not None and int(os.environ.get("RANK", "0")) == 0
     before = _test(model, data["test"], collate_fn, cfg, "before") if testing and cfg.data.test_before_training else None
     apply(model, adapter_config(cfg, model))
@@ -228,6 +248,21 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict:
         out = Path(cfg.train.output_dir)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _model_and_data(cfg: RunConfig) -> tuple[Any, dict[str, Any], Any]:
+    """The model, its datasets and the collate function of the run's task."""
+    if cfg.model.task == "image-classification":
+        from torch.utils.data import default_collate
+
+        data = build_image_datasets(cfg)  # images need no tokenizer, so the head is sized from the data at once
+        model, _ = load_model(cfg.model.name, cfg.model.task, num_labels=cfg.model.num_labels or data["train"].num_labels)
+        return model, data, default_collate
+    model, tokenizer = load_model(cfg.model.name, cfg.model.task, num_labels=cfg.model.num_labels or 2)
+    data = build_datasets(cfg, tokenizer)
+    if cfg.model.task == "classification" and data["train"].num_labels != (cfg.model.num_labels or 2):
+        model, tokenizer = load_model(cfg.model.name, cfg.model.task, num_labels=data["train"].num_labels)
+    return model, data, partial(collate, pad_id=tokenizer.pad_token_id)
 
 
 def _test(model, data, collate_fn, cfg: RunConfig, when: str) -> dict[str, float]:
