@@ -83,7 +83,7 @@ def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
     """γ ⊙ y + β along `channel_dim` (γ of size 1 is a scalar scale).
 
     Channels-last outputs go through `ScaleShift` (in place, saving only the output, which the next
-    layer usually saves anyway), also for a bf16 output with fp32 γ, β (γ, β are not rounded to bf16).
+    layer usually saves anyway), also for a bf16 output with fp32 γ, β (computed in fp32, rounded once).
     Conv2d outputs go out of place: a CNN often follows a conv with an in-place ReLU, which would
     overwrite the output `ScaleShift` saves.
     """
@@ -109,9 +109,10 @@ class ScaleShift(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None):
-        y.mul_(scale)
-        if shift is not None:
-            y.add_(shift)
+        if shift is None:
+            y.mul_(scale)
+        else:  # one pass over y (a full alias of an input is allowed as `out`)
+            torch.addcmul(shift, y, scale, out=y)
         ctx.mark_dirty(y)
         ctx.save_for_backward(y, scale, shift)
         return y
