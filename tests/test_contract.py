@@ -30,12 +30,14 @@ from peftkit.methods.hydra import HydraConfig
 from peftkit.methods.increlora import IncreLoRAConfig
 from peftkit.methods.kronecker import DiffuseKronAConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
+from peftkit.methods.lofit import LoFiTConfig
 from peftkit.methods.loldu import LoLDUConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.pego import PEGOConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig, kv_shape
 from peftkit.methods.randlora import RandLoRAConfig
 from peftkit.methods.selective import BitFitConfig, LNTuningConfig
+from peftkit.methods.spiel import SpIELConfig
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.svfit import SVFitConfig
 from peftkit.methods.triadaptlora import TriAdaptLoRAConfig
@@ -239,6 +241,20 @@ def dept_count(model, cfg) -> int:
     return cfg.num_virtual_tokens * d + cfg.max_length * cfg.r + cfg.r * d
 
 
+def spiel_count(model, cfg) -> int:
+    """round(density d_out d_in) per adapted linear layer."""
+    return sum(round(cfg.density * weights.get_weight(m).numel()) for m in _adapted(model, cfg) if weights.is_linear(m))
+
+
+def lofit_count(model, cfg) -> int:
+    """Stage 1: n_heads d_head per layer (the output projection's input width); stage 2: K d_head."""
+    widths = [weights.in_out_features(m)[0] for m in _adapted(model, cfg)]
+    if cfg.heads is None:
+        return sum(widths)
+    heads = getattr(model.config, "num_attention_heads", None) or model.config.heads
+    return len(cfg.heads) * (widths[0] // heads)
+
+
 def full_count(model, cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -264,6 +280,8 @@ class Row:
     """The method keeps no copy of the base weights it trains (full fine-tuning): unload keeps them."""
     atol: float = 1e-5
     bf16: bool = True
+    merge_adds_bias: bool = False
+    """Merging gives bias-free layers a bias (LoFiT's W_o v on Llama): the merged, unloaded model has those keys."""
     id: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -338,6 +356,13 @@ ROWS = [
     Row(lambda: BottleneckConfig(kind="parallel", bottleneck=4, activation="silu", scaling=2.0, layers=[1]), "llama",
         bottleneck_count, mergeable=False, id="adapter-parallel-silu-layers"),
     Row(lambda: LlamaAdapterConfig(adapter_len=3, adapter_layers=1), "llama", llama_adapter_count, mergeable=False),
+    *[Row(lambda: SpIELConfig(density=0.1), m, spiel_count) for m in ("mlp", "llama", "gpt2")],
+    Row(lambda: SpIELConfig(density=0.02, targets=["q_proj", "down_proj"], reselection_decay="cosine"), "llama",
+        spiel_count, id="spiel-targets-cosine"),
+    *[Row(lambda: LoFiTConfig(heads=[[0, 1], [1, 0], [1, 1]]), m, lofit_count, merge_adds_bias=m == "llama")
+      for m in ("llama", "gpt2", "bert", "vit")],
+    Row(lambda: LoFiTConfig(heads=[[1, 0]]), "llama", lofit_count, merge_adds_bias=True, id="lofit-one-layer-llama"),
+    *[Row(lambda: LoFiTConfig(), m, lofit_count, identity_at_init=False, id=f"lofit-stage1-{m}") for m in ("llama", "gpt2")],
     *[Row(lambda: peftkit.FullFineTuneConfig(), m, full_count, can_disable=False, trains_base=True)
       for m in ("mlp", "llama")],
     *[Row(lambda: peftkit.HeadOnlyConfig(), m, head_count) for m in ("mlp", "bert", "cnn", "gpt2")],
@@ -428,7 +453,8 @@ def test_merge_then_unload_is_a_plain_model_with_same_outputs(row):
         plain = peftkit.unload(peftkit.merge(model))
         out = output_of(plain, inputs)
     assert not any(isinstance(m, peftkit.AdapterLayer) for m in plain.modules())
-    assert set(plain.state_dict()) == set(base_state)
+    added = {k for k in plain.state_dict() if k.endswith(".bias")} - set(base_state) if row.merge_adds_bias else set()
+    assert set(plain.state_dict()) - added == set(base_state) and (added or not row.merge_adds_bias)
     assert not hasattr(plain, "peftkit_state")
     torch.testing.assert_close(out, adapted, atol=row.atol, rtol=0)
 

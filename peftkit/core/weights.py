@@ -97,8 +97,28 @@ def get_bias(module: nn.Module) -> torch.Tensor | None:
 
 @torch.no_grad()
 def set_bias(module: nn.Module, bias: torch.Tensor) -> None:
-    """Write the bias back in place."""
-    module.bias.data.copy_(bias.to(module.bias.dtype))
+    """Write the bias back in place; a bias-free nn.Linear or nn.Conv2d gets a new (frozen) bias Parameter.
+
+    Why create one: a merge that shifts the output by a constant (LoFiT's W_o v) needs a bias to fold
+    into, and Llama-style layers have none. `remove_bias` takes it away again.
+    """
+    if getattr(module, "bias", None) is not None:
+        module.bias.data.copy_(bias.to(module.bias.dtype))
+        return
+    if not can_add_bias(module):
+        raise TypeError(f"peftkit cannot add a bias to {type(module).__name__} (only to nn.Linear and nn.Conv2d)")
+    w = module.weight
+    module.bias = nn.Parameter(bias.to(device=w.device, dtype=w.dtype), requires_grad=False)
+
+
+def can_add_bias(module: nn.Module) -> bool:
+    """True for plain nn.Linear / nn.Conv2d layers, whose forward uses a bias once it is set."""
+    return isinstance(module, nn.Linear | nn.Conv2d) and not hasattr(module, "peftkit_get_weight")
+
+
+def remove_bias(module: nn.Module) -> None:
+    """Make the module bias-free again (undoes a bias that `set_bias` created)."""
+    module.bias = None
 
 
 def weight_checksum(module: nn.Module) -> list[float]:
