@@ -296,6 +296,29 @@ def test_schedule_state_dict_resumes_exactly():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_peftkit_loop_runs_the_reselection_and_resumes_mid_window_exactly(tmp_path):
+    from peftkit.core.io import adapter_state_dict
+    from peftkit.train.loop import train
+
+    from train_toy import base_classifier, stack, toy_config, toy_data
+
+    def spiel_classifier():
+        cfg = SpIELConfig(density=0.25, reselection_steps=4, selection_accumulation_steps=2, targets=["fc1", "fc2"])
+        return peftkit.apply(base_classifier(), cfg)
+
+    cfg = dict(max_steps=12, save_every=5, keep_checkpoints=3, eval_every=0, grad_accum=2)
+    clean = spiel_classifier()
+    initial = clean.fc1.sparse_index.clone()
+    train(clean, toy_data(64), None, toy_config(tmp_path / "clean", **cfg), stack)  # adds the schedule itself
+    assert not torch.equal(clean.fc1.sparse_index, initial)  # re-selected after steps 2, 6 and 10
+    checkpoint = tmp_path / "clean" / "checkpoint-000005"  # inside the window of steps 5-6
+    assert (checkpoint / "schedule.safetensors").is_file()
+    resumed = spiel_classifier()
+    train(resumed, toy_data(64), None, toy_config(tmp_path / "resumed", **cfg), stack, resume=checkpoint)
+    for key, value in adapter_state_dict(clean).items():
+        torch.testing.assert_close(adapter_state_dict(resumed)[key], value, rtol=0, atol=1e-6, msg=key)
+
+
 def _clone(value):
     if isinstance(value, torch.Tensor):
         return value.clone()

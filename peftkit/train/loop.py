@@ -9,7 +9,8 @@
 
 Callbacks are plain objects with either or both of two optional methods; that is the whole protocol:
 
-* `extra_loss(model) -> Tensor`: a term added to every micro-batch's loss (regularizers);
+* `extra_loss(model) -> Tensor | None`: a term added to every micro-batch's loss (regularizers; None adds
+  nothing, as a MethodSchedule without one returns);
 * `on_after_backward(step, model, optimizer)`: once per optimizer step (`step` counts from 1), after
   every backward pass and the cross-rank gradient average, before clipping, `optimizer.step()` and
   `zero_grad()`; rank-budget schedules read and edit gradients here.
@@ -155,7 +156,8 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
             for _ in range(cfg.grad_accum):
                 batch = to_device(next(data), run.device)
                 with autocast_for(cfg, run.device):
-                    loss = loss_of(model(**batch)) + sum(term(model) for term in extra_losses)
+                    terms = [t for term in extra_losses if (t := term(model)) is not None]
+                    loss = loss_of(model(**batch)) + sum(terms)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float() / cfg.grad_accum
             # averaged over ranks, so a NaN on any rank stops every rank at the same step
