@@ -266,7 +266,7 @@ def _dense_penalty(w, pairs, s):
 
 @pytest.mark.parametrize("alpha, chunk", [(None, 1 << 20), (3.0, 1 << 20), (None, 150)])
 def test_pego_penalty_and_gradient_match_a_dense_reference(alpha, chunk, monkeypatch):
-    monkeypatch.setattr(pego_module, "CHUNK_ELEMENTS", chunk)  # 150: one term per chunk
+    monkeypatch.setattr(pego_module, "CHUNK_ELEMENTS", chunk)  # 150: one row of each (10, 10) product per chunk
     model = _pego_model(n=4, alpha=alpha)
     layer, s = model[0], (1.0 if alpha is None else alpha / 2)
     penalty = orthogonality_penalty(model)

@@ -16,14 +16,16 @@ Scaling: the reference adds sum_i B_i A_i unscaled; `alpha=None` (default) does 
 number gives s = alpha / r like LoRA. The penalty is taken on the update as applied, Delta W_i = s B_i A_i.
 
 The penalty never forms a weight-sized product of parameters with autograd attached. Each term is the
-L1 norm of a thin product X Y^T (d_out, d_out) with X, Y (d_out, r):
+L1 norm of a thin product P = X Y^T (d_out, d_out) with X, Y (d_out, r), kept as X^T, Y^T (r, d_out):
 
-    W Delta W_i^T          = (s W A_i^T) B_i^T,           X = s W A_i^T,        Y = B_i
-    Delta W_i Delta W_j^T  = B_i (s^2 A_i A_j^T) B_j^T,   X = B_i (s^2 A_i A_j^T),  Y = B_j
+    W Delta W_i^T          = (s W A_i^T) B_i^T,           X^T = s A_i W^T,             Y^T = B_i^T
+    Delta W_i Delta W_j^T  = B_i (s^2 A_i A_j^T) B_j^T,   X^T = (s^2 A_j A_i^T) B_i^T,  Y^T = B_j^T
 
-`L1OfProducts` computes all N (N + 1) / 2 terms of a layer in chunks, and their gradients in the same
-pass (dX = sign(P) Y, dY = sign(P)^T X, and |P|_1 = <dX, X>), saving only the (T, d_out, r) gradients
-for backward: no (d_out, d_out) tensor outlives the call. Its cost, about 4 passes over N (N + 1) / 2
+`L1OfProducts` computes all N (N + 1) / 2 terms of a layer in chunks of rows, and their gradients in the same
+pass (dX^T = Y^T sign(P)^T, dY^T = X^T sign(P), and |P|_1 = <dX, X>), saving only the (T, r, d_out)
+gradients for backward: no (d_out, d_out) tensor outlives the call. The (r, d_out) layout is what makes
+BLAS fast here: on CPU, sign(P) Y with Y (d_out, 4) took 4.3 ms against 1.0 ms for Y^T sign(P)^T
+(one thread, d_out 1024, noisy shared machine). Its cost, about 4 passes over N (N + 1) / 2
 d_out^2 floats per layer and step, is not small when d_out is large: `penalty_every=k` evaluates the
 penalty on every k-th step only, weighted by k (same average gradient). The penalty enters training through
 the method schedule (`PEGOSchedule.extra_loss`, core/schedule.py).
@@ -44,8 +46,9 @@ from ..core.registry import register
 from ..core.schedule import MethodSchedule, register_schedule
 from .lora import LoRALinear
 
-CHUNK_ELEMENTS = 1 << 20
-"""Most (d_out, d_out) product entries materialised at once by the penalty (4 MiB in fp32)."""
+CHUNK_ELEMENTS = 1 << 19
+"""Most product entries the penalty materialises at once (2 MiB in fp32: the sign pattern is read twice
+more right after it is written, and cache-sized chunks measured ~15% faster than whole (d_out, d_out) terms)."""
 
 
 @dataclass
@@ -108,48 +111,55 @@ class PEGOLinear(LoRALinear):
         return f"num_modules={self.num_modules}, r={self.module_rank}, scaling={self.scaling:g}"
 
     def penalty_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, Y), each (T, d_out, r): the layer's penalty is sum_t |X_t Y_t^T|_1 (module docstring)."""
+        """(X^T, Y^T), each (T, r, d_out): the layer's penalty is sum_t |X_t Y_t^T|_1 (module docstring)."""
         n, r, s = self.num_modules, self.module_rank, self.scaling
         a, b = self.lora_A, self.lora_B  # (n r, d_in), (d_out, n r)
         w = weights.get_weight(self.base).to(a.dtype)  # (d_out, d_in), frozen
-        b_i = b.view(b.shape[0], n, r).transpose(0, 1)  # (n, d_out, r)
-        w_a = (s * (w @ a.T)).view(b.shape[0], n, r).transpose(0, 1)  # (n, d_out, r): s W A_i^T
+        b_t = b.T.contiguous().view(n, r, -1)  # (n, r, d_out): B_i^T
+        a_w = (s * (a @ w.T)).view(n, r, -1)  # (n, r, d_out): s A_i W^T
         first, second = torch.triu_indices(n, n, offset=1, device=a.device)  # the pairs i < j
         gram = (s * s * (a @ a.T)).view(n, r, n, r).transpose(1, 2)  # (n, n, r, r): s^2 A_i A_j^T
-        x = torch.cat([w_a, torch.bmm(b_i[first], gram[first, second])])
-        y = torch.cat([b_i, b_i[second]])
-        return x, y
+        x_t = torch.cat([a_w, torch.bmm(gram[second, first], b_t[first])])
+        y_t = torch.cat([b_t, b_t[second]])
+        return x_t, y_t
 
 
 class L1OfProducts(torch.autograd.Function):
-    """sum_t |X_t Y_t^T|_1 for X (T, m, r), Y (T, n, r), with its gradient computed in the forward pass.
+    """sum_t |X_t Y_t^T|_1 for X^T (T, r, m), Y^T (T, r, n), with its gradient computed in the forward pass.
 
-    The products are formed a chunk of terms at a time (at most CHUNK_ELEMENTS entries) and dropped;
-    backward only scales the saved (T, m, r) and (T, n, r) gradients. The subgradient of |.| at 0 is 0.
+    The products are formed a few rows of every term at a time (at most CHUNK_ELEMENTS entries, or one
+    row of each term) in `workspace`, and dropped; backward only scales the saved (T, r, m) and
+    (T, r, n) gradients. The subgradient of |.| at 0 is 0.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor):
-        grad_x, grad_y = torch.empty_like(x), torch.empty_like(y)
-        per_chunk = max(1, CHUNK_ELEMENTS // (x.shape[1] * y.shape[1]))
-        with torch.autocast(x.device.type, enabled=False):  # the sign pattern needs full precision
-            for start in range(0, x.shape[0], per_chunk):
-                part = slice(start, start + per_chunk)
-                sign = torch.bmm(x[part], y[part].transpose(1, 2)).sign_()  # (t, m, n)
-                torch.bmm(sign, y[part], out=grad_x[part])
-                torch.bmm(sign.transpose(1, 2), x[part], out=grad_y[part])
+    def forward(ctx, x_t: torch.Tensor, y_t: torch.Tensor, workspace: torch.Tensor):
+        terms, n = x_t.shape[0], y_t.shape[2]
+        rows = max(1, CHUNK_ELEMENTS // (terms * n))
+        if workspace.numel() < terms * rows * n or workspace.dtype != x_t.dtype:
+            workspace = x_t.new_empty(terms * rows * n)
+        grad_x, grad_y = torch.empty_like(x_t), torch.zeros_like(y_t)
+        with torch.autocast(x_t.device.type, enabled=False):  # the sign pattern needs full precision
+            for start in range(0, x_t.shape[2], rows):
+                part = slice(start, start + rows)
+                count = x_t[:, :, part].shape[2]
+                sign = workspace[: terms * count * n].view(terms, count, n)  # rows of each P_t
+                torch.bmm(x_t[:, :, part].transpose(1, 2), y_t, out=sign).sign_()
+                grad_x[:, :, part] = torch.bmm(y_t, sign.transpose(1, 2))  # (T, r, rows)
+                grad_y.baddbmm_(x_t[:, :, part], sign)  # (T, r, n)
         ctx.save_for_backward(grad_x, grad_y)
-        return (grad_x * x).sum()  # <sign(P) Y, X> = <sign(P), X Y^T> = |P|_1
+        return (grad_x * x_t).sum()  # <sign(P) Y, X> = <sign(P), X Y^T> = |P|_1
 
     @staticmethod
     def backward(ctx, grad):
         grad_x, grad_y = ctx.saved_tensors
-        return grad * grad_x, grad * grad_y
+        return grad * grad_x, grad * grad_y, None
 
 
-def layer_penalty(layer: PEGOLinear) -> torch.Tensor:
+def layer_penalty(layer: PEGOLinear, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """|W Delta W_i^T|_1 + sum_{j>i} |Delta W_i Delta W_j^T|_1 over the layer's group."""
-    return L1OfProducts.apply(*layer.penalty_factors())
+    x_t, y_t = layer.penalty_factors()
+    return L1OfProducts.apply(x_t, y_t, x_t.new_empty(0) if workspace is None else workspace)
 
 
 def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
@@ -157,7 +167,12 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     layers = [m for m in adapter_layers(model).values() if isinstance(m, PEGOLinear)]
     if not layers:
         raise ConfigError("the model has no PEGO layers; apply a PEGOConfig first")
-    return torch.stack([layer_penalty(layer) for layer in layers]).sum()
+    # one scratch buffer for every layer's chunks: a fresh 2 MiB buffer per chunk fragmented the heap
+    # (+70 MB of resident memory on the benchmark Llama, measured with VmHWM)
+    most = max(max(CHUNK_ELEMENTS, layer.num_modules * (layer.num_modules + 1) // 2 * layer.lora_B.shape[0])
+               for layer in layers)
+    workspace = layers[0].lora_A.new_empty(most)
+    return torch.stack([layer_penalty(layer, workspace) for layer in layers]).sum()
 
 
 class PEGOSchedule(MethodSchedule):
