@@ -15,7 +15,23 @@ CONFIGS = {
     "dora8-all": ("DoRA r8 on all linear", ["peft", "peftkit"]),
     "ia3": ("(IA)3 default targets", ["peft", "peftkit"]),
     "prompt20": ("prompt tuning, 20 tokens", ["peft", "peftkit"]),
+    # weight-update methods (issue 3); peft runs where it has the method
+    "adalora": ("AdaLoRA init_r 12, target_r 8 (q,v)", ["peft", "peftkit"]),
+    "increlora": ("IncreLoRA to rank 8 (q,v)", ["peftkit"]),
+    "triadaptlora": ("TriAdaptLoRA to rank 8 (q,v)", ["peftkit"]),
+    "randlora": ("RandLoRA r32 all linear", ["peft", "peftkit"]),
+    "bone": ("Bone (MiSS bat) r64 all linear", ["peft", "peftkit"]),
+    "kron": ("Kronecker: LoKr r8 / DiffuseKronA all linear", ["peft", "peftkit"]),
+    "svfit16": ("SVFit r16 all linear", ["peftkit"]),
+    "loldu16": ("LoLDU r16 all linear", ["peftkit"]),
+    "hydra8": ("Hydra r8 all linear", ["peftkit"]),
+    "dsee16": ("DSEE r16 + 64 sparse all linear", ["peftkit"]),
+    "pego4x4": ("PEGO 4 x r4 all linear", ["peftkit"]),
 }
+ISSUE3 = ["adalora", "increlora", "triadaptlora", "randlora", "bone", "kron", "svfit16", "loldu16", "hydra8",
+          "dsee16", "pego4x4"]
+"""The configurations the weight-update issue sets targets for (1.3x the floor, 1.1x LoRA r16's memory)."""
+QV = ["q_proj", "v_proj"]
 INFER_VARIANTS = ["base", "lora16-unmerged", "lora16-merged"]
 
 MODEL_SIZES = {  # LlamaConfig keyword arguments
