@@ -319,6 +319,46 @@ def test_peftkit_loop_runs_the_reselection_and_resumes_mid_window_exactly(tmp_pa
         torch.testing.assert_close(adapter_state_dict(resumed)[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def _two_rank_run(rank, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = _mlp()
+        peftkit.apply(model, SpIELConfig(density=0.25, reselection_steps=3, selection_accumulation_steps=2))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        schedule = schedule_for(model, total_steps=8)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank sees other data: other statistics
+        for step in range(1, 9):
+            F.mse_loss(model(torch.randn(8, 12, generator=g)), torch.randn(8, 6, generator=g)).backward()
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= 2
+            schedule.step(step, opt)
+            opt.step()
+            opt.zero_grad()
+        layer = model[0]
+        torch.save([layer.sparse_index, layer.sparse_values.detach(), opt.state[layer.sparse_values]["exp_avg"]],
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_hold_the_same_reselection(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_rank_run, args=(port, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def _clone(value):
     if isinstance(value, torch.Tensor):
         return value.clone()
