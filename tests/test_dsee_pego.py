@@ -57,7 +57,7 @@ def test_dsee_gradients_equal_the_masked_dense_gradient():
     """values.grad = (dL/dS_dense)[M]; the dense gradient outside M is non-zero, the update there is zero."""
     model = _linear().double()
     w0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
-    peftkit.apply(model, DSEEConfig(r=2, alpha=2.0, num_sparse=9, support="magnitude", targets=["0"]))
+    peftkit.apply(model, DSEEConfig(r=2, alpha=3.0, num_sparse=9, support="magnitude", targets=["0"]))
     layer = model[0]
     _randomize(layer.lora_A, layer.lora_B, layer.sparse_values)
     x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
@@ -67,7 +67,7 @@ def test_dsee_gradients_equal_the_masked_dense_gradient():
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     dense = _dense_sparse(layer.sparse_index, layer.sparse_values.detach(), 10, 12).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    ((x_ref @ (w0 + b @ a + dense).T + b0) - target).pow(2).sum().backward()
+    ((x_ref @ (w0 + 1.5 * (b @ a + dense)).T + b0) - target).pow(2).sum().backward()
     rows, cols = layer.sparse_index // 12, layer.sparse_index % 12
     torch.testing.assert_close(layer.sparse_values.grad, dense.grad[rows, cols])
     torch.testing.assert_close(x.grad, x_ref.grad)

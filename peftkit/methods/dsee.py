@@ -21,7 +21,9 @@ adapter) and N values (a Parameter). No dense d_out x d_in S or mask exists duri
 is proportional to N and the gradient outside M is zero by construction. The forward gathers the N input
 features S needs and adds them into the base output in place (`SparseAdd`, index_select + index_add_):
 measured ~4x faster than a torch.sparse COO matmul at 1024 tokens, d = 384/1024, N = 64 (CPU, forward +
-backward, noisy shared machine: 1.0 vs 4.3 ms at 384x384, 2.1 vs 10.0 ms at 1024x384).
+backward, noisy shared machine: 1.0 vs 4.3 ms at 384x384, 2.1 vs 10.0 ms at 1024x384). Its pieces cost
+~0.5 ms a layer, so a DSEE step (r 16, N 64, all 7 linear layers of the benchmark Llama) measured ~1.14x
+the floor against LoRA r16's ~1.11x, at LoRA r16's peak memory (one thread, noisy).
 
 Stage 2, sparse final weights: `sparsify_weights` magnitude-prunes merged weights (a state dict) to a
 given density and returns the masks; `mask_gradients` keeps those masks during a re-tune (recipe in
@@ -30,7 +32,7 @@ given density and returns the masks; `mask_gradients` keeps those masks during a
 UNVERIFIED choices (methods.md 2.10 and the reference run_glue.py):
 * GreBsmo's final rank is not stated in the paper. The reference runs 100 outer steps, rank 496 on
   BERT-base's 768x768; on smaller layers that is (nearly) full rank and the residual vanishes (measured on
-  a random-init 384x384 layer: at rank 250 only 2,284 entries pass the threshold, at 128 already 46k).
+  a random-init 384x384 layer: 2,284 entries pass the threshold at rank 250, against 46k at rank 128).
   Here `decomposition_rank` defaults to the LoRA rank r (capped below min(d_out, d_in)): the support
   then holds the entries a rank-r view of W0 explains worst. Two inner updates per rank, threshold 0.01
   and a rank step of 5 as in the reference.
