@@ -1,16 +1,18 @@
 """The rank-budget family's schedules: the mechanism of `rank_budget.py` with each method's pieces.
 
-    method        importance (per)            budget                          allocation
-    AdaLoRA       |w * g| EMA (triplet)       cubic decay init -> target      keep the b best triplets (mask lambda)
-    IncreLoRA     |dW * dL/d(dW)| EMA (module) +rank_step every interval      grow the top_h modules
-    TriAdaptLoRA  change of ||C||_F / blocks    +rank_step every interval      grow the modules over a threshold
-                  (module, no EMA)              (n modules rising with u)       (n-th best score)
+    method        importance (per)                budget                        allocation
+    AdaLoRA       EMA of |w * g| (triplet)        cubic decay init -> target    keep the b best triplets (mask lambda)
+    IncreLoRA     EMA of |dW * dL/d(dW)| (module) +rank_step every interval    grow the top_h modules
+    TriAdaptLoRA  change of ||C||_F / n_blocks    +rank_step every interval    grow the modules over a threshold
+                  (module, no EMA)                (more modules as u rises)    (the n-th best score)
 
 Each is registered for its config with `register_schedule`, so `peftkit.schedule_for(model, total)`
 builds it and peftkit's training loop runs it without being asked.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn as nn
@@ -50,7 +52,7 @@ class AdaLoRASchedule(RankBudgetSchedule):
         self.final_step = self.total - cfg.tfinal
         self.pruned_elsewhere = bool(cfg.rank_pattern)  # read pruned from peft: only the regularizer runs
         self._pending = False
-        self._hooked: set[int] = set()
+        self._hooked: weakref.WeakSet = weakref.WeakSet()  # optimizers that got the post-step hook
 
     def budget(self, step: int) -> int:
         """Total triplets kept at `step`."""
@@ -93,9 +95,9 @@ class AdaLoRASchedule(RankBudgetSchedule):
         register = getattr(optimizer, "register_step_post_hook", None)
         if register is None:
             self.apply_masks()
-        elif id(optimizer) not in self._hooked:
+        elif optimizer not in self._hooked:
             register(lambda *args: self.apply_masks())
-            self._hooked.add(id(optimizer))
+            self._hooked.add(optimizer)
 
     def apply_masks(self) -> None:
         """lambda_i = 0 for every masked triplet, if an allocation is waiting to be applied."""
