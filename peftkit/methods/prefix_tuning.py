@@ -150,6 +150,7 @@ class PrefixLayer(AdapterLayer):
         self._backbone: tuple[nn.Module, ...] = ()  # the module that takes the cache (a tuple: not a child)
         self._arg_names: list[str] = []
         self._cache_key = "cache"
+        self._checkpointed: list[nn.Module] = []  # modules with a gradient_checkpointing flag
 
     def peft_key(self, module_name: str, local: str) -> str:
         return "prompt_embeddings"  # peft stores prompt learning weights without a module path
@@ -241,13 +242,15 @@ class PrefixLayer(AdapterLayer):
             return None
         if backbone.training and torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointed):
             raise RuntimeError("prefix tuning needs the KV cache, which transformers drops under gradient "
-                               "checkpointing; turn it off (model.gradient_checkpointing_disable())")
+                               "checkpointing; turn it off (model.activation_checkpointing_disable())")
         kwargs = call_keywords(self._arg_names, args, kwargs)
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None:
+            return (), kwargs  # the model itself says that it needs input_ids or inputs_embeds
+        batch, seq = tokens.shape[:2]
         cache = cache_in(kwargs)
         for key in CACHE_KEYS:
             kwargs.pop(key, None)
-        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        batch, seq = tokens.shape[:2]
         if cache is None:
             from transformers import DynamicCache
 
@@ -321,7 +324,7 @@ def check_fits(model: nn.Module, cfg: PrefixTuningConfig) -> None:
                           f"{limit} positions; use num_virtual_tokens well below {limit}")
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ConfigError("prefix tuning needs the KV cache, which transformers drops under gradient checkpointing; "
-                          "call model.gradient_checkpointing_disable() first")
+                          "call model.activation_checkpointing_disable() first")
 
 
 @register(PrefixTuningConfig)
