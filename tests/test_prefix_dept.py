@@ -56,19 +56,16 @@ def test_dept_budget_equals_prompt_tuning_for_the_papers_t5_base_numbers():
     assert param_count(d=d, m=60, r=31, s=s) != 76_800
 
 
-def test_trainable_counts_on_tiny_models():
-    # tiny Llama: L = 2 layers, d = d_kv = 32 (GQA with one of two key/value heads: d_kv = 16)
-    assert peftkit.trainable_parameters(peftkit.apply(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3))
-                                        ).trainable == 2 * 2 * 3 * 32
-    assert peftkit.trainable_parameters(peftkit.apply(_llama(kv_heads=1), PrefixTuningConfig(num_virtual_tokens=3))
-                                        ).trainable == 2 * 2 * 3 * 16
-    projected = peftkit.apply(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=3, projection=True,
-                                                               projection_hidden=8))
-    assert peftkit.trainable_parameters(projected).trainable == 3 * 32 + (32 * 8 + 8) + (8 * 128 + 128)
-    p_tuning = peftkit.apply(tiny_llama(), PTuningConfig(num_virtual_tokens=3, encoder_hidden=8))
-    assert peftkit.trainable_parameters(p_tuning).trainable == 3 * 32 + (32 * 8 + 8) + (8 * 8 + 8) + (8 * 32 + 32)
-    dept = peftkit.apply(tiny_llama(), DePTConfig(num_virtual_tokens=2, r=3, max_length=10))
-    assert peftkit.trainable_parameters(dept).trainable == 2 * 32 + 10 * 3 + 3 * 32
+@pytest.mark.parametrize("make, config, expected", [  # tiny Llama: L = 2, d = d_kv = 32 (GQA: d_kv = 16)
+    (tiny_llama, PrefixTuningConfig(num_virtual_tokens=3), 2 * 2 * 3 * 32),
+    (lambda: _llama(kv_heads=1), PrefixTuningConfig(num_virtual_tokens=3), 2 * 2 * 3 * 16),
+    (tiny_llama, PrefixTuningConfig(num_virtual_tokens=3, projection=True, projection_hidden=8),
+     3 * 32 + (32 * 8 + 8) + (8 * 128 + 128)),
+    (tiny_llama, PTuningConfig(num_virtual_tokens=3, encoder_hidden=8), 3 * 32 + (32 * 8 + 8) + (8 * 8 + 8) + (8 * 32 + 32)),
+    (tiny_llama, DePTConfig(num_virtual_tokens=2, r=3, max_length=10), 2 * 32 + 10 * 3 + 3 * 32),
+], ids=["prefix", "prefix-gqa", "prefix-mlp", "p-tuning-mlp", "dept"])
+def test_trainable_counts_on_tiny_models(make, config, expected):
+    assert peftkit.trainable_parameters(peftkit.apply(make(), config)).trainable == expected
 
 
 # --- prefix tuning: attention over the prefix, by hand --------------------------------------------
@@ -171,7 +168,15 @@ def test_vocab_init_is_the_frozen_models_values_of_real_tokens():
         candidates = layer.self_attn.v_proj(layer.input_layernorm(model.model.embed_tokens.base.weight))
     rows = values.transpose(0, 1).reshape(5, -1)  # (n, d_kv)
     distances = (rows[:, None] - candidates[None]).norm(dim=-1)  # (n, vocab)
-    assert distances.min(dim=1).values.max() < 1e-5  # every prefix row is a real token's values
+    closest, words = distances.min(dim=1)
+    assert closest.max() < 1e-5  # every prefix row is a real token's values
+    # so at init a causal model sees exactly those words in front of its input
+    ids = example_inputs("llama", batch=1)["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with peftkit.disabled(model):
+            words_first = model(input_ids=torch.cat([words[None], ids], 1)).logits[:, 5:]
+    torch.testing.assert_close(adapted, words_first, atol=1e-5, rtol=0)
     random = peftkit.apply(tiny_llama(), PrefixTuningConfig(num_virtual_tokens=5, init="random"))
     assert abs(random.model.embed_tokens.prefix.std().item() - 1.0) < 0.1  # peft's N(0, 1)
 

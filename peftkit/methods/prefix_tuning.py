@@ -25,8 +25,9 @@ GPT-2 code do the same; needed for equal outputs with peft). `shift_positions=Fa
 0, 1, ... (the prefix then takes no position; position ids a caller passes are kept as given).
 
 Choices: init "vocab" (default) sets the prefixes to the keys/values the frozen model computes for
-n random vocabulary tokens, the paper's "activations of real words" init, which it reports trains
-far better than random; "random" is peft's N(0, 1). With the MLP, "vocab" initialises E with word
+n random vocabulary tokens: the paper's "activations of real words" init, which it reports trains
+far better than random (it chose task words; random ones need no tokenizer). At init a causal model
+then sees exactly those n words in front of its input. "random" is peft's N(0, 1). With the MLP, "vocab" initialises E with word
 embeddings of random tokens. Default n = 10 (the paper's table-to-text setting), h = d (peft).
 Not mergeable (the attention gets longer).
 """
