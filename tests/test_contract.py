@@ -38,9 +38,11 @@ from peftkit.methods.prefix_tuning import PrefixTuningConfig, kv_shape
 from peftkit.methods.randlora import RandLoRAConfig
 from peftkit.methods.selective import BitFitConfig, LNTuningConfig
 from peftkit.methods.spiel import SpIELConfig
+from peftkit.methods.spt import SPTConfig, spt_plan
 from peftkit.methods.ssf import SSFConfig
 from peftkit.methods.svfit import SVFitConfig
 from peftkit.methods.triadaptlora import TriAdaptLoRAConfig
+from peftkit.methods.vqt import VQTConfig
 
 from tiny_models import MODELS, example_inputs, output_of
 
@@ -255,6 +257,28 @@ def lofit_count(model, cfg) -> int:
     return len(cfg.heads) * (widths[0] // heads)
 
 
+def spt_planned(model: str, budget: int, r: int = 2) -> SPTConfig:
+    """SPT planned on MODELS[model](0) from two fixed batches (loss: mean squared output), as spt_plan does."""
+    batches = [example_inputs(model, batch=4, seed=s) for s in (11, 12)]
+    loss = lambda net, batch: output_of(net, batch).float().pow(2).mean()  # noqa: E731
+    return spt_plan(MODELS[model](0), batches, SPTConfig(budget=budget, r=r), loss_fn=loss)
+
+
+def spt_count(model, cfg) -> int:
+    """r (d_in + d_out) per LoRA matrix + planned entries per sparse matrix + whole planned vectors."""
+    params, plan = dict(model.named_parameters()), cfg.plan
+    lora = sum(cfg.r * sum(params[f"{n}.weight"].shape) for n in plan["lora"])
+    return lora + sum(map(len, plan["sparse"].values())) + sum(params[n].numel() for n in plan["vectors"])
+
+
+def vqt_count(model, cfg) -> int:
+    """L T d queries + a new head on the class token and the L T summaries: (d_c + L T d) C + C."""
+    layers, d = len(model.blocks), model.blocks[0].attn.qkv.in_features
+    d_c, classes = model.head.in_features, model.head.out_features
+    summaries = layers * cfg.num_queries * d
+    return summaries + (d_c + summaries) * classes + classes
+
+
 def full_count(model, cfg) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -375,6 +399,9 @@ ROWS = [
     *[Row(lambda: TriAdaptLoRAConfig(target_rank=4), m, triadaptlora_count) for m in ("mlp", "llama", "gpt2")],
     Row(lambda: TriAdaptLoRAConfig(target_rank=2, max_r=5, threshold="cosine", dropout=0.1, targets=["v_proj"]),
         "llama", triadaptlora_count, id="triadaptlora-cosine-dropout"),
+    Row(lambda: spt_planned("vit", budget=500), "vit", spt_count),
+    Row(lambda: spt_planned("mlp", budget=150), "mlp", spt_count),
+    Row(lambda: VQTConfig(num_queries=2), "vit", vqt_count, identity_at_init=False, mergeable=False),
 ]
 
 
