@@ -401,6 +401,7 @@ ROWS = [
         "llama", triadaptlora_count, id="triadaptlora-cosine-dropout"),
     Row(lambda: spt_planned("vit", budget=500), "vit", spt_count),
     Row(lambda: spt_planned("mlp", budget=150), "mlp", spt_count),
+    Row(lambda: spt_planned("gpt2", budget=400), "gpt2", spt_count),
     Row(lambda: VQTConfig(num_queries=2), "vit", vqt_count, identity_at_init=False, mergeable=False),
 ]
 

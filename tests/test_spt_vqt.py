@@ -19,7 +19,7 @@ from peftkit.core.apply import has_adapter
 from peftkit.methods.spt import SPTConfig, spt_allocate, spt_plan, spt_sensitivity
 from peftkit.methods.vqt import VQTConfig
 
-from tiny_models import MODELS, example_inputs, output_of
+from tiny_models import MODELS, example_inputs, output_of, tiny_gpt2
 
 
 def _mse(model, batch):
@@ -152,6 +152,23 @@ def test_parameters_not_selected_receive_zero_update():
             assert changed.any() and not (changed.flatten() & ~allowed).any(), key
         else:
             assert not changed.any(), f"{key} changed but was not selected"
+
+
+def test_conv1d_scores_are_read_in_the_canonical_layout():
+    """GPT-2's Conv1D stores (d_in, d_out): its storage entry (i, j) is canonical entry (j, i)."""
+    model = tiny_gpt2()
+    names = [f"transformer.h.{i}.attn.c_attn" for i in range(2)]
+    scores = {f"{n}.weight": torch.zeros(32, 96) for n in names}
+    scores[f"{names[1]}.weight"][5, 70] = 1.0  # storage (i=5, j=70)
+    plan = spt_allocate(model, scores, SPTConfig(budget=1, targets=["c_attn"]), tau=1)
+    assert plan == {"tau": 1, "lora": [], "sparse": {names[1]: [70 * 32 + 5]}, "vectors": []}
+    before = model.state_dict()[f"{names[1]}.weight"].clone()
+    peftkit.apply(model, SPTConfig(targets=["c_attn"], plan=plan))
+    with torch.no_grad():
+        model.get_submodule(names[1]).values.fill_(0.5)
+    after = peftkit.unload(peftkit.merge(model)).state_dict()[f"{names[1]}.weight"]
+    changed = (after != before).nonzero().tolist()
+    assert changed == [[5, 70]] and after[5, 70] == before[5, 70] + 0.5
 
 
 def test_sparse_delta_forward_and_gradient_match_the_dense_reference():
@@ -357,7 +374,7 @@ class PeakMemory(TorchDispatchMode):
         return out
 
 
-def training_step_peak(cfg: peftkit.AdapterConfig, batch: int = 32) -> int:
+def training_step_peak(cfg: peftkit.AdapterConfig, batch: int = 8) -> int:
     """Peak bytes a forward + backward of the shipped ViT (vit-fmnist) with `cfg` adds."""
     from peftkit.train.vision import load_vision_model
 
@@ -377,6 +394,6 @@ def test_vqt_training_step_needs_less_memory_than_lora():
     lora = training_step_peak(peftkit.LoRAConfig(r=8, alpha=16, targets=["qkv", "attn.proj", "fc1", "fc2"],
                                                  modules_to_save=["head"]))
     vqt = training_step_peak(VQTConfig(num_queries=5))
-    print(f"\npeak training-step memory, vit-fmnist, batch 32: LoRA r8 {lora / 2**20:.2f} MiB, "
+    print(f"\npeak training-step memory, vit-fmnist, batch 8: LoRA r8 {lora / 2**20:.2f} MiB, "
           f"VQT T=5 {vqt / 2**20:.2f} MiB ({vqt / lora:.2f}x)")
     assert vqt < 0.6 * lora
