@@ -9,8 +9,11 @@
   before and after a short budget.
 * `--task vision`: the project's ViT pretrained on Fashion-MNIST (`vision.py`, `vit-fmnist`) adapted
   to handwritten digits, MNIST-5k (`images.py`: 1,000 train / 500 validation / 3,500 test). Every
-  method trains `VISION_BUDGET["steps"]` steps of batch 32 over the 1,000 training images and is
-  tested on all 3,500 test images. The methods are `VISION_METHODS`, one line each.
+  method trains `VISION_BUDGET["steps"]` steps of batch 64 (19 epochs) over the 1,000 training
+  images and is tested on all 3,500 test images. The methods are `VISION_METHODS`, one line each.
+  Reference points: logistic regression on the training images' pixels scores 0.881 on test (C
+  chosen on validation); the same ViT from a random init, fully fine-tuned with the same budget,
+  0.689 (lr 2e-3, as the full row); the majority class 0.103.
 
 Each method runs in its own subprocess (`peftkit train <its run.yaml>`), so the peak memory column
 is that method's alone and every row can be re-run by hand from the YAML the demo writes. The
@@ -57,17 +60,20 @@ LM_BUDGET = {"steps": 30, "batch_size": 4, "max_length": 128, "test_size": 24}
 VIT_LINEAR = ["qkv", "attn.proj", "fc1", "fc2"]
 """The ViT's linear layers. `attn.proj`, not `proj`: that suffix also matches the patch embedding."""
 # One line per method: (method, adapter fields, learning rate). Learning rates were chosen on the
-# validation split (500 images, same budget), never on test: LRS_CHOSEN_ON_VALIDATION
+# validation split (500 images, same budget), never on test: full 5e-4/1e-3/2e-3/4e-3 ->
+# 0.806/0.844/0.856/0.842; LoRA 3e-3/1e-2/2e-2 -> 0.802/0.816/0.306; head-only 3e-2/1e-1/3e-1 ->
+# 0.588/0.630/0.642.
 VISION_METHODS: list[tuple[str, dict, float]] = [
-    ("head-only", {}, 1e-2),
-    ("full", {}, 1e-3),
-    ("lora", {"r": 8, "alpha": 16, "targets": VIT_LINEAR}, 3e-3),
+    ("head-only", {}, 3e-1),
+    ("full", {}, 2e-3),
+    ("lora", {"r": 8, "alpha": 16, "targets": VIT_LINEAR}, 1e-2),
     ("vqt", {"num_queries": 5, "modules_to_save": []}, 3e-2),  # val 3e-3/1e-2/3e-2/1e-1: .686/.734/.750/.708
 ]
 VISION_MODEL = "vit-fmnist"
 VISION_REFERENCES = {"logistic regression on the 1,000 training images' pixels (0.881)": 0.881,
+                     "the same ViT from a random init, full fine-tuning (0.689)": 0.689,
                      "majority class (0.103)": 0.103}
-VISION_BUDGET = {"steps": 200, "batch_size": 32, "test_size": None}
+VISION_BUDGET = {"steps": 300, "batch_size": 64, "test_size": None}
 QUICK = {"steps": 3, "batch_size": 4, "max_length": 32, "test_size": 16}
 
 
