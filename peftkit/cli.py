@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="fine-tune several methods offline and compare them")
     demo.add_argument("--task", choices=["text", "lm", "vision"], default="text")
-    demo.add_argument("--methods", help="comma-separated subset of the demo's methods")
+    demo.add_argument("--methods", help="comma-separated subset of the demo's methods, or 'all' (default: the task's default set)")
     demo.add_argument("--steps", type=int, help="training steps per method (default: the task's budget)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     demo.add_argument("--out", default="runs/demo", help="output directory")
