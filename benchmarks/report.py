@@ -10,7 +10,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from protocol import CONFIGS, INFER_VARIANTS, UNCONTENDED
+from protocol import CONFIGS, INFER_VARIANTS, ISSUE3, UNCONTENDED
 
 HERE = Path(__file__).resolve().parent
 
@@ -142,6 +142,11 @@ def targets(report: dict) -> list[str]:
     if lora:
         check("LoRA r16 all linear, step x floor <= 1.15", lora["x_floor"], lambda v: v <= 1.15)
         check("LoRA r16 all linear, step x peft <= 1.00", lora["x_peft"], lambda v: v <= 1.0)
+    for row in (r for r in report["train"] if r["config"] in ISSUE3 and r["lib"] == "peftkit"):
+        check(f"{row['label']}, step x floor <= 1.3", row["x_floor"], lambda v: v <= 1.3)
+        if lora and row.get("peak_delta_mb") and lora.get("peak_delta_mb"):
+            check(f"{row['label']}, peak memory x LoRA r16 all linear <= 1.1",
+                  row["peak_delta_mb"] / lora["peak_delta_mb"], lambda v: v <= 1.1)
     merged = next((r for r in report["infer"] if r["lib"] == "peftkit" and r["variant"] == "lora16-merged"), None)
     if merged:
         check("merged LoRA r16 forward x base <= 1.02", merged["x_base"], lambda v: v <= 1.02)
