@@ -203,7 +203,7 @@ def test_two_ranks_hold_the_same_reselection(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_two_rank_run, args=(port, str(tmp_path)), nprocs=2)
-    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
