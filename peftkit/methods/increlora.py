@@ -40,14 +40,14 @@ import torch.nn as nn
 from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.registry import register
-from .svd_lora import SVDLayer, init_factors
+from .svd_lora import RankGrowth, SVDLayer, init_factors
 
 RESERVE_LAMBDA = 1e-5
 """The constant lambda of reserve triplets (advance learning)."""
 
 
 @dataclass
-class IncreLoRAConfig(AdapterConfig):
+class IncreLoRAConfig(RankGrowth, AdapterConfig):
     """IncreLoRA: SVD-form updates that start at rank 1 and grow where the scores are highest."""
 
     method = "increlora"
@@ -102,13 +102,6 @@ class IncreLoRAConfig(AdapterConfig):
 
     total_steps: int | None = None
     """Steps of training the growth must fit in; None: the training run's length."""
-
-    def rank_step_value(self) -> int:
-        return self.rank_step if self.rank_step is not None else max(1, self.target_rank // 2)
-
-    def max_r_for(self, d_in: int, d_out: int) -> int:
-        """Capacity of a module of this shape."""
-        return self.max_r if self.max_r is not None else min(4 * self.target_rank, d_in, d_out)
 
     def validate(self) -> None:
         ints = {k: getattr(self, k) for k in ("init_r", "target_rank", "top_h", "init_warmup", "incre_interval")}

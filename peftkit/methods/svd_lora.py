@@ -99,3 +99,16 @@ def init_factors(q: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, lam_value:
         nn.init.normal_(q, std=INIT_STD)
         nn.init.normal_(p, std=INIT_STD)
         lam.fill_(lam_value)
+
+
+class RankGrowth:
+    """What the rank-growing configs (IncreLoRA, TriAdaptLoRA) share: the step and capacity rules of their
+    fields `rank_step`, `max_r` and `target_rank`."""
+
+    def rank_step_value(self) -> int:
+        """Rank a chosen module gains per growth event (None: target_rank // 2, as IncreLoRA's code)."""
+        return self.rank_step if self.rank_step is not None else max(1, self.target_rank // 2)
+
+    def max_r_for(self, d_in: int, d_out: int) -> int:
+        """Capacity of a module of this shape (None: 4 x target_rank, at most min(d_in, d_out))."""
+        return self.max_r if self.max_r is not None else min(4 * self.target_rank, d_in, d_out)

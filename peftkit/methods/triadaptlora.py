@@ -42,13 +42,13 @@ from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.registry import register
 from .increlora import chunk_sizes
-from .svd_lora import SVDLayer, init_factors
+from .svd_lora import RankGrowth, SVDLayer, init_factors
 
 THRESHOLDS = ("linear", "exponential", "cosine")
 
 
 @dataclass
-class TriAdaptLoRAConfig(AdapterConfig):
+class TriAdaptLoRAConfig(RankGrowth, AdapterConfig):
     """TriAdaptLoRA: B (L + U) A updates whose rank grows in the modules whose core grows fastest."""
 
     method = "triadaptlora"
@@ -90,13 +90,6 @@ class TriAdaptLoRAConfig(AdapterConfig):
 
     total_steps: int | None = None
     """Steps the threshold schedule spans; None: the training run's length."""
-
-    def rank_step_value(self) -> int:
-        return self.rank_step if self.rank_step is not None else max(1, self.target_rank // 2)
-
-    def max_r_for(self, d_in: int, d_out: int) -> int:
-        """Capacity of a module of this shape."""
-        return self.max_r if self.max_r is not None else min(4 * self.target_rank, d_in, d_out)
 
     def validate(self) -> None:
         ints = (self.init_r, self.target_rank, self.init_warmup, self.incre_interval, self.rank_step_value())
