@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from . import methods  # noqa: F401,E402  (registers every method)
 from .core.apply import apply, disabled, has_adapter, merge, unload, unmerge  # noqa: E402
+from .core.calibration import calibrate  # noqa: E402
 from .core.config import AdapterConfig, ConfigError  # noqa: E402
 from .core.io import AdapterFileError, load, load_weights, save  # noqa: E402
 from .core.layer import AdapterLayer, MergeError  # noqa: E402
@@ -54,7 +55,7 @@ __all__ = [
     "LNTuningConfig", "LlamaAdapterConfig", "LoFiTConfig", "LoLDUConfig", "LoRAConfig", "MergeError",
     "MethodSchedule", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
     "RandLoRAConfig", "SPTConfig", "SSFConfig", "SVFitConfig", "SpIELConfig", "TriAdaptLoRAConfig",
-    "VQTConfig", "apply", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
+    "VQTConfig", "apply", "calibrate", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
     "merge", "param_groups", "print_summary", "registered_methods", "save", "schedule_for",
     "trainable_parameters", "unload", "unmerge",
 ]

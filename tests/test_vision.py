@@ -7,6 +7,7 @@ checkpoints are checked on 50 real Fashion-MNIST test images committed in tests/
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -275,6 +276,10 @@ def test_run_yaml_with_a_vision_model(tmp_path):
     cfg = load_run_config(tmp_path / "run.yaml")
     model, tokenizer = load_model(cfg.model.name, cfg.model.task)
     assert tokenizer is None and adapter_config(cfg, model).modules_to_save == ["head"]
+    # every method that does not train or replace the head itself gets the fresh head trained
+    assert adapter_config(dataclasses.replace(cfg, method="bitfit", adapter={}), model).modules_to_save == ["head"]
+    for owner in ("full", "head-only", "vqt"):
+        assert adapter_config(dataclasses.replace(cfg, method=owner, adapter={}), model).modules_to_save == []
     with pytest.raises(ValueError, match="supports task 'image-classification'"):
         load_model("vit-fmnist", "classification")
     with pytest.raises(ValueError, match="needs a peftkit vision model"):

@@ -32,6 +32,11 @@ class AdapterConfig:
     trainable: ClassVar[str] = ""
     """Closed-form trainable-parameter count, shown in the method table."""
 
+    trains_head: ClassVar[bool] = False
+    """True when the method itself trains or replaces the model's output head (full fine-tuning,
+    head-only, VQT's new head); `peftkit train` otherwise adds a fresh classifier head to
+    `modules_to_save`, since a random head cannot stay frozen."""
+
     targets: str | list[str] | None = None
     """Modules to adapt: names or dotted suffixes ("q_proj", "attn.c_attn"), regexes written
     "re:<pattern>" (matched against the full module name), or "all-linear" (every linear layer

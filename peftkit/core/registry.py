@@ -33,6 +33,7 @@ class Method:
     config_cls: type[AdapterConfig]
     build: Callable[[nn.Module, Any, str], nn.Module | None] | None = None
     select: Callable[[nn.Module, Any], list[str]] | None = None
+    calibrate: Callable[[nn.Module, Any, Any], AdapterConfig] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -44,9 +45,10 @@ def _add(method: Method) -> None:
     existing = _METHODS.get(method.name)
     if existing is not None and existing.config_cls is not method.config_cls:
         raise TypeError(f"method name {method.name!r} is already registered by {existing.config_cls}")
-    if existing is not None:  # a builder and a selector for one config: keep both (re-imports replace)
+    if existing is not None:  # a builder, selector, calibration for one config: keep all (re-imports replace)
         method = Method(method.name, method.config_cls, build=method.build or existing.build,
-                        select=method.select or existing.select)
+                        select=method.select or existing.select,
+                        calibrate=method.calibrate or existing.calibrate)
     _METHODS[method.name] = method
 
 
@@ -66,6 +68,16 @@ def register_selection(config_cls: type[AdapterConfig]) -> Callable:
     def decorator(select: Callable) -> Callable:
         _add(Method(config_cls.method, config_cls, select=select))
         return select
+
+    return decorator
+
+
+def register_calibration(config_cls: type[AdapterConfig]) -> Callable:
+    """Register `calibrate(model, cfg, batches) -> cfg`: the data-dependent step that finishes a config."""
+
+    def decorator(calibrate: Callable) -> Callable:
+        _add(Method(config_cls.method, config_cls, calibrate=calibrate))
+        return calibrate
 
     return decorator
 

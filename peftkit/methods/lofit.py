@@ -17,6 +17,8 @@ Two stages (methods.md 3.3):
 
     model = lofit_two_stage(model, train, k=32)   # or: apply stage 1, train, select_heads, unload,
                                                   #     apply LoFiTConfig(heads=...), train
+    cfg = peftkit.calibrate(model, LoFiTConfig(top_k=32), batches)  # or: stage 1 on `select_steps`
+    peftkit.apply(model, cfg)                                        # batches, then stage 2 (peftkit train)
 
 Stage 2 is computed as o_proj(z + v) = W_o z + W_o v: the base output plus one (d_out,) vector per layer,
 so a step costs one broadcast add per layer over the frozen model; merging folds W_o v into the base's
@@ -27,7 +29,8 @@ or heads) unless `num_heads` is given; `layer` is the first integer in the modul
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -36,10 +39,11 @@ import torch.nn as nn
 
 from ..core import weights
 from ..core.apply import adapter_layers_of, apply, get_state, unload
+from ..core.calibration import batch_loss
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import layer_index
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.registry import register, register_calibration
 from ..core.schedule import MethodSchedule, register_schedule
 from .lora import adapter_dtype
 
@@ -73,6 +77,16 @@ class LoFiTConfig(AdapterConfig):
     l1: float = 5e-4
     """Stage 1: λ of the loss term λ Σ_h ‖A_h‖₁ (the paper: 5e-4, 1e-3 for 13B models)."""
 
+    top_k: int | None = None
+    """Both stages in one config: `peftkit.calibrate` / `peftkit train` run stage 1 for `select_steps` batches,
+    keep the top_k heads and return the stage-2 config (the paper: 32 of Llama-2-7B's 1024 heads)."""
+
+    select_steps: int = 100
+    """Calibration: stage-1 AdamW steps (one batch each) before the heads are chosen."""
+
+    select_lr: float = 5e-3
+    """Calibration: stage-1 learning rate (the paper's 5e-3)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.heads, list | tuple):  # (layer, head) tuples from select_heads; JSON gives lists
             self.heads = [list(p) if isinstance(p, list | tuple) else p for p in self.heads]
@@ -88,6 +102,11 @@ class LoFiTConfig(AdapterConfig):
                 raise ConfigError(f"heads lists a [layer, head] pair twice: {self.heads!r}")
         if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
             raise ConfigError(f"num_heads must be a positive integer or None, got {self.num_heads!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ConfigError(f"top_k must be a positive integer (heads to keep) or None, got {self.top_k!r}")
+        if not isinstance(self.select_steps, int) or self.select_steps < 1 or self.select_lr <= 0:
+            raise ConfigError(f"select_steps must be a positive integer and select_lr > 0, got "
+                              f"{self.select_steps!r}, {self.select_lr!r}")
         if self.init_std < 0 or self.l1 < 0:
             raise ConfigError(f"init_std and l1 must be >= 0, got init_std={self.init_std}, l1={self.l1}")
 
@@ -258,6 +277,36 @@ def lofit_two_stage(model: nn.Module, train: Callable[[nn.Module], object], k: i
     apply(model, (stage2 or LoFiTConfig()).replace(heads=[list(h) for h in heads]))
     train(model)
     return heads
+
+
+@register_calibration(LoFiTConfig)
+def calibrate(model: nn.Module, cfg: LoFiTConfig, batches: Iterable) -> LoFiTConfig:
+    """With `top_k` and no `heads`: stage 1 on `select_steps` batches, then the stage-2 config of the top_k heads.
+
+    Stage 1 trains A (and the config's modules_to_save, e.g. a fresh classifier head, so the heads are
+    ranked for a working classifier) with AdamW at `select_lr` and the L1 term, in train mode; the
+    stage-1 adapter is then unloaded, which restores every trained module, so the model is unchanged.
+    """
+    if cfg.heads is not None or cfg.top_k is None:
+        return cfg
+    apply(model, cfg)
+    was_training = model.training
+    try:
+        select_heads(model, cfg.top_k)  # a top_k larger than the model's heads fails now, not after training
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.select_lr, weight_decay=0.0)
+        penalty = LoFiTL1(model, cfg.l1)
+        for batch in itertools.islice(batches, cfg.select_steps):
+            loss = batch_loss(model, batch) + penalty.extra_loss(model)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        heads = select_heads(model, cfg.top_k)
+    finally:
+        unload(model)
+        model.train(was_training)
+    return cfg.replace(heads=[list(h) for h in heads])
 
 
 class LoFiTL1(MethodSchedule):

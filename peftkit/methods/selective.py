@@ -32,6 +32,7 @@ class FullFineTuneConfig(AdapterConfig):
     """Train every parameter of the model (baseline)."""
 
     method = "full"
+    trains_head = True
     paper: ClassVar[str] = "baseline"
     trainable: ClassVar[str] = "all parameters"
     keep_original: ClassVar[bool] = False  # a second copy of the whole model is too much to keep
@@ -42,6 +43,7 @@ class HeadOnlyConfig(AdapterConfig):
     """Train only the output head (`lm_head`, `classifier`, `score` ...); the body stays frozen."""
 
     method = "head-only"
+    trains_head = True
     paper: ClassVar[str] = "baseline (linear probe)"
     trainable: ClassVar[str] = "the output head's parameters"
 

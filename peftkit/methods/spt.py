@@ -22,8 +22,10 @@ e.g. the task head, which SPT trains fully).
 The plan (which matrices get LoRA, which flat entry indices of which matrix, which vectors) is part of the
 config, so `peftkit.save` / `peftkit.load` rebuild the adapter exactly without data. The two-step API::
 
-    cfg = spt_plan(model, batches, SPTConfig(budget=20_000, modules_to_save=["head"]))  # sensitivity + plan
+    cfg = peftkit.calibrate(model, SPTConfig(budget=20_000, modules_to_save=["head"]), batches)  # = spt_plan
     peftkit.apply(model, cfg)
+
+(`peftkit train` runs the calibration on the first training batches by itself.)
 
 (`batches`: model keyword dicts whose output has `.loss`, e.g. with `labels`; or pass `loss_fn(model, batch)`.)
 A config without a plan raises at `apply`. Mergeable: LoRA and the sparse deltas fold into W; tuned
@@ -60,10 +62,11 @@ import torch.nn as nn
 
 from ..core import weights
 from ..core.apply import has_adapter
+from ..core.calibration import batch_loss
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import find_targets, get_module, head_module_names, layer_index, matches
 from ..core.layer import AdapterLayer
-from ..core.registry import register, register_selection
+from ..core.registry import register, register_calibration, register_selection
 from .dsee import SparseAdd
 from .lora import LoRALinear, adapter_dtype
 
@@ -158,16 +161,6 @@ def _skipped(name: str, skip: list[str], heads: set[str]) -> bool:
     return any(f".{s}." in dotted for s in skip) or any(name.startswith(h + ".") for h in heads)
 
 
-def default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """`model(**batch).loss`: batches that carry labels for a transformers-style model."""
-    out = model(**batch)
-    loss = getattr(out, "loss", None)
-    if loss is None:
-        raise ConfigError("the model returned no .loss for a sensitivity batch; include labels in the batches "
-                          "or pass loss_fn=lambda model, batch: <scalar loss>")
-    return loss
-
-
 def spt_sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None,
                     skip: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Σ over `batches` of (∂L/∂w)² for every parameter not skipped, by parameter name (float32).
@@ -189,7 +182,7 @@ def spt_sensitivity(model: nn.Module, batches: Iterable, loss_fn: Callable | Non
         for p in params.values():
             p.requires_grad_(True)
         for batch in batches:
-            loss = (loss_fn or default_loss)(model, batch)
+            loss = (loss_fn or batch_loss)(model, batch)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             for score, grad in zip(scores.values(), grads, strict=True):
                 if grad is not None:
@@ -295,6 +288,12 @@ def spt_plan(model: nn.Module, batches: Iterable, cfg: SPTConfig, loss_fn: Calla
     return cfg.replace(plan=spt_allocate(model, scores, cfg))
 
 
+@register_calibration(SPTConfig)
+def calibrate(model: nn.Module, cfg: SPTConfig, batches: Iterable) -> SPTConfig:
+    """`peftkit.calibrate` / `peftkit train`: `spt_plan` on the task's batches; a planned config is kept."""
+    return cfg if cfg.plan is not None else spt_plan(model, batches, cfg)
+
+
 # --- layers and registration -----------------------------------------------------------------
 class SparseDeltaLinear(AdapterLayer):
     """W = W0 + scatter(index, values): only the planned entries of one weight matrix train."""
@@ -332,7 +331,7 @@ class SparseDeltaLinear(AdapterLayer):
 def _require_plan(cfg: SPTConfig) -> dict[str, Any]:
     if cfg.plan is None:
         raise ConfigError("this SPTConfig has no plan yet: make one from a few task batches first, "
-                          "cfg = spt_plan(model, batches, cfg), then peftkit.apply(model, cfg)")
+                          "cfg = peftkit.calibrate(model, cfg, batches) (or spt_plan), then peftkit.apply(model, cfg)")
     return {"lora": [], "sparse": {}, "vectors": [], **cfg.plan}
 
 

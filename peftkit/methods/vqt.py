@@ -74,6 +74,7 @@ class VQTConfig(AdapterConfig):
     method = "vqt"
     paper: ClassVar[str] = "Tu et al. 2023, arXiv:2212.03220"
     trainable: ClassVar[str] = "L T d (queries) + (d + L T d) C + C (new head)"
+    trains_head = True
 
     targets: str | list[str] | None = "blocks"
     """The container (nn.Sequential / nn.ModuleList) of the ViT's transformer blocks."""

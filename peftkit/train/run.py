@@ -11,8 +11,10 @@ peftkit vision model was saved to) with `data: {dataset: mnist_5k}` (or digits, 
 
 Overrides on the command line use a section and a field (`--train.lr 1e-3`, `--adapter.r 16`), or
 just the field when only one section has it (`--lr 1e-3`); values are parsed as YAML scalars.
-For classification, the fresh head is trained with every adapter method (it is added to
-`modules_to_save` unless the config names modules itself): a random head cannot be left frozen.
+For classification, the fresh head is trained with every method that does not train the head itself
+(it is added to `modules_to_save` unless the config names modules itself): a random head cannot be
+left frozen. Methods that need task data before `apply` (SPT's plan, LoFiT's head choice with
+`top_k`) are calibrated on the first training batches (`peftkit.calibrate`).
 """
 
 from __future__ import annotations
@@ -28,14 +30,17 @@ from typing import Any
 import yaml
 
 from ..core.apply import apply
+from ..core.calibration import calibrate, needs_calibration
 from ..core.config import ConfigError, coerce_numbers, field_docs
 from ..core.inject import head_module_names
 from ..core.params import print_summary
 from ..core.registry import get_method, registered_methods
 from .data import CausalLMDataset, ClassificationDataset, collate, read_records
+from .distributed import setup_distributed
+from .evaluation import autocast_for, to_device
 from .images import DATASETS as IMAGE_DATASETS
 from .images import image_dataset
-from .loop import Dist, TrainConfig, evaluate, train
+from .loop import Dist, TrainConfig, evaluate, micro_batches, train
 from .models import load_model
 
 CLASSIFICATION_TASKS = ("classification", "image-classification")
@@ -225,10 +230,26 @@ def build_datasets(cfg: RunConfig, tokenizer) -> dict[str, Any]:
 def adapter_config(cfg: RunConfig, model) -> Any:
     """The method config, with the classification head trained where the user did not say otherwise."""
     fields = dict(cfg.adapter)
-    method = get_method(cfg.method)
-    if cfg.model.task in CLASSIFICATION_TASKS and method.build is not None and "modules_to_save" not in fields:
+    config_cls = get_method(cfg.method).config_cls
+    if cfg.model.task in CLASSIFICATION_TASKS and not config_cls.trains_head and "modules_to_save" not in fields:
         fields["modules_to_save"] = sorted(n.split(".")[-1] for n in head_module_names(model))
-    return method.config_cls.from_dict(fields)
+    return config_cls.from_dict(fields)
+
+
+def calibrated(adapter_cfg: Any, model, train_data, collate_fn, cfg: RunConfig) -> Any:
+    """The config after the method's calibration on the first training batches (most methods have none).
+
+    The batches are the loop's first ones (same seed and order) on the training device; every rank
+    calibrates on rank 0's batches, so a deterministic calibration gives every rank the same adapter.
+    """
+    if not needs_calibration(adapter_cfg):
+        return adapter_cfg
+    device = setup_distributed(cfg.train.device).device
+    model.to(device)
+    batches = (to_device(b, device) for b in micro_batches(train_data, collate_fn, cfg.train, 0, Dist(0, 1, device, False)))
+    print(f"calibrating {adapter_cfg.method} on training batches of {cfg.train.batch_size}", flush=True)
+    with autocast_for(cfg.train, device):
+        return calibrate(model, adapter_cfg, batches)
 
 
 def run(cfg: RunConfig, *, resume: bool = False) -> dict:
@@ -239,7 +260,7 @@ def run(cfg: RunConfig, *, resume: bool = False) -> dict:
     model, data, collate_fn = _model_and_data(cfg)
     testing = data["test"] is not None and int(os.environ.get("RANK", "0")) == 0
     before = _test(model, data["test"], collate_fn, cfg, "before") if testing and cfg.data.test_before_training else None
-    apply(model, adapter_config(cfg, model))
+    apply(model, calibrated(adapter_config(cfg, model), model, data["train"], collate_fn, cfg))
     print_summary(model, max_rows=12)
     metrics = train(model, data["train"], data["eval"], cfg.train, collate_fn, resume=resume)
     if testing:
