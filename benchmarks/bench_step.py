@@ -34,6 +34,7 @@ from protocol import (  # noqa: E402,F401
     MODEL_SIZES,
     UNCONTENDED,
     PerStepWork,
+    model_size_for,
     peft_config,
     peftkit_config,
 )
@@ -54,7 +55,7 @@ def build_model(spec: dict):
     return model
 
 
-def adapt(model, lib: str, config: str, total_steps: int = 0):
+def adapt(model, lib: str, config: str, total_steps: int = 0, seq: int = 256):
     """Apply `config` with `lib` ("torch" for the references); returns the model to train."""
     if lib == "torch":
         for p in model.parameters():
@@ -65,10 +66,10 @@ def adapt(model, lib: str, config: str, total_steps: int = 0):
     if lib == "peftkit":
         import peftkit
 
-        return peftkit.apply(model, peftkit_config(config, total_steps))
+        return peftkit.apply(model, peftkit_config(config, total_steps, seq, model.config.to_dict()))
     import peft
 
-    return peft.get_peft_model(model, peft_config(config, total_steps))
+    return peft.get_peft_model(model, peft_config(config, total_steps, seq, model.config.to_dict()))
 
 
 def resident_mb(field: str = "VmRSS") -> float:
@@ -134,7 +135,7 @@ def train_job(spec: dict) -> dict:
     n_base = sum(p.numel() for p in base.parameters())
     mem0 = memory_mark(spec["device"])
     total_steps = spec["warmup"] + spec["steps"]
-    model = adapt(base, spec["lib"], spec["config"], total_steps)
+    model = adapt(base, spec["lib"], spec["config"], total_steps, spec["seq"])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -310,7 +311,11 @@ def job_specs(args) -> list[dict]:
     common = {"device": args.device, "model_size": args.model_size, "seed": 0, "batch": args.batch,
               "seq": args.seq, "threads": args.threads}
     train = {**common, "kind": "train", "warmup": args.warmup, "steps": args.steps}
-    specs = [{**train, "lib": lib, "config": c} for c in args.configs for lib in CONFIGS[c][1]]
+    specs = [{**train, "lib": lib, "config": c, "model_size": model_size_for(c, args.model_size)}
+             for c in args.configs for lib in CONFIGS[c][1]]
+    sizes = {s["model_size"] for s in specs}  # each model size its own floor: ratios stay within a size
+    specs += [{**train, "lib": "torch", "config": "floor", "model_size": size} for size in sorted(sizes)
+              if not any(s["config"] == "floor" and s["model_size"] == size for s in specs)]
     if args.infer:
         infer = {**common, "kind": "infer", "warmup": args.warmup, "steps": args.infer_steps}
         specs += [{**infer, "lib": lib} for lib in ("peft", "peftkit")]
