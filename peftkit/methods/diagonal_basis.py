@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..core import weights
 from ..core.layer import AdapterLayer
 from .lora import adapter_dtype
+from .lowrank import apply_in_place
 
 
 def add_diagonal_low_rank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -40,8 +41,8 @@ def add_diagonal_low_rank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: 
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return DiagonalLowRankAdd.apply(y, x, a.to(dtype), b.to(dtype), e.to(dtype))
-    return DiagonalLowRankAdd.apply(y, x, a, b, e)
+            return apply_in_place(DiagonalLowRankAdd, y, x, a.to(dtype), b.to(dtype), e.to(dtype))
+    return apply_in_place(DiagonalLowRankAdd, y, x, a, b, e)
 
 
 class DiagonalLowRankAdd(torch.autograd.Function):

@@ -57,6 +57,7 @@ from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.registry import register
 from .lora import LoRALinear
+from .lowrank import apply_in_place
 
 GREBSMO_RANK_STEP = 5
 """Rank added to U V per outer step (reference: the first 5 rows of R in QR of the residual)."""
@@ -140,7 +141,7 @@ class DSEELinear(LoRALinear):
             return y
         d_in = self.lora_A.shape[1]
         rows, cols = self.sparse_index.div(d_in, rounding_mode="floor"), self.sparse_index.remainder(d_in)
-        return SparseAdd.apply(y, x, self.sparse_values, rows, cols, self.scaling)
+        return apply_in_place(SparseAdd, y, x, self.sparse_values, rows, cols, self.scaling)
 
     def sparse_delta(self) -> torch.Tensor:
         """S ⊙ M as a dense (d_out, d_in) matrix (merging and tests only; training never forms it)."""

@@ -49,7 +49,7 @@ from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer, MergeError
 from ..core.registry import register
 from .lora import adapter_dtype
-from .lowrank import add_low_rank
+from .lowrank import add_low_rank, apply_in_place
 
 # The paper adapts the attention output and MLP down projections (timm ViT: attn.proj, mlp.fc2).
 DEFAULT_TARGETS = ["o_proj", "down_proj", "output.dense", "c_proj", "out_proj", "proj", "fc2"]
@@ -128,9 +128,9 @@ def add_biased_low_rank(y, x, down, down_bias, up, up_bias, scaling: float, p: f
     if torch.is_autocast_enabled(device) and y.dtype == torch.get_autocast_dtype(device) and y.is_contiguous():
         with torch.autocast(device, enabled=False):
             cast = [t.to(y.dtype) for t in factors]
-            return BiasedLowRankAdd.apply(y, x.to(y.dtype), *cast, scaling, p)
+            return apply_in_place(BiasedLowRankAdd, y, x.to(y.dtype), *cast, scaling, p)
     if x.dtype == y.dtype == down.dtype and y.is_contiguous() and not torch.is_autocast_enabled(device):
-        return BiasedLowRankAdd.apply(y, x, *factors, scaling, p)
+        return apply_in_place(BiasedLowRankAdd, y, x, *factors, scaling, p)
     hid = F.dropout(F.linear(x.to(down.dtype), down, down_bias), p)  # (..., rank)
     return y + (scaling * F.linear(hid, up, up_bias)).to(y.dtype)
 

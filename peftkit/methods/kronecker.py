@@ -50,6 +50,7 @@ from ..core.inject import get_module
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
+from .lowrank import apply_in_place
 
 
 def factor_pair(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -206,8 +207,8 @@ def add_kron(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         y = y.contiguous()
     if torch.is_autocast_enabled(device):  # the small GEMMs run in the factors' dtype, autocast off
         with torch.autocast(device, enabled=False):
-            return KronAdd.apply(y, x, a, b, scaling)
-    return KronAdd.apply(y, x, a, b, scaling)
+            return apply_in_place(KronAdd, y, x, a, b, scaling)
+    return apply_in_place(KronAdd, y, x, a, b, scaling)
 
 
 class KroneckerLinear(AdapterLayer):

@@ -1,4 +1,8 @@
-"""The shared low-rank kernel: y += s B A x accumulated into the base output, saving only what backward needs."""
+"""The shared low-rank kernel: y += s B A x accumulated into the base output, saving only what backward needs.
+
+Also `apply_in_place`, how every in-place kernel of peftkit's methods (this one, DSEE's sparse add, SSF's
+scale-shift, the Kronecker and diagonal-basis adds, Hydra's biased add) is called.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,33 @@ def add_low_rank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     device = x.device.type
     if torch.is_autocast_enabled(device) and y.dtype == torch.get_autocast_dtype(device) and y.is_contiguous():
         with torch.autocast(device, enabled=False):  # cast once here, as autocast would inside
-            return LowRankAdd.apply(y, x.to(y.dtype), a.to(y.dtype), b.to(y.dtype), scaling)
+            return apply_in_place(LowRankAdd, y, x.to(y.dtype), a.to(y.dtype), b.to(y.dtype), scaling)
     if x.dtype == y.dtype == a.dtype and y.is_contiguous() and not torch.is_autocast_enabled(device):
-        return LowRankAdd.apply(y, x, a, b, scaling)
+        return apply_in_place(LowRankAdd, y, x, a, b, scaling)
     h = F.linear(x.to(a.dtype), a)  # (..., r)  mixed dtypes (bf16 base, fp32 adapter): out of place
     return y + F.linear(h, b * scaling).to(y.dtype)
+
+
+def apply_in_place(function: type[torch.autograd.Function], *args):
+    """`function.apply(*args)` when autograd records the call, else `function.forward` alone.
+
+    For Functions that write into an input and `ctx.mark_dirty` it. Why: when nothing is recorded
+    (no_grad, inference, or no input requires grad) torch.compile traces the forward by itself, and
+    there `mark_dirty` is a graph break at every adapted layer; the Function adds nothing then anyway.
+    """
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return function.apply(*args)
+    return function.forward(_Unrecorded(), *args)
+
+
+class _Unrecorded:
+    """Stands in for autograd's ctx when a Function's forward runs without being recorded."""
+
+    def mark_dirty(self, *tensors: torch.Tensor) -> None:
+        pass
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
 
 
 class LowRankAdd(torch.autograd.Function):

@@ -69,6 +69,7 @@ from ..core.layer import AdapterLayer
 from ..core.registry import register, register_calibration, register_selection
 from .dsee import SparseAdd
 from .lora import LoRALinear, adapter_dtype
+from .lowrank import apply_in_place
 
 DEFAULT_SKIP = ["head", "cls_token", "patch_embed", "pos_embed"]
 """Parameters never scored (the reference's list): the head trains fully, the rest stays frozen."""
@@ -318,7 +319,7 @@ class SparseDeltaLinear(AdapterLayer):
             self.values.zero_()
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return SparseAdd.apply(y, x, self.values, self.rows, self.cols, 1.0)
+        return apply_in_place(SparseAdd, y, x, self.values, self.rows, self.cols, 1.0)
 
     def delta_weight(self) -> torch.Tensor:
         dense = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)

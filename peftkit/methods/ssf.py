@@ -42,6 +42,7 @@ from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer, MergeError
 from ..core.registry import register
 from .lora import adapter_dtype
+from .lowrank import apply_in_place
 
 
 @dataclass
@@ -88,7 +89,7 @@ def scale_shift(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
     overwrite the output `ScaleShift` saves.
     """
     if channel_dim == -1 and y.is_contiguous():
-        return ScaleShift.apply(y, scale, shift)
+        return apply_in_place(ScaleShift, y, scale, shift)
     shape = _broadcast_shape(y.ndim, channel_dim, scale.numel())
     out = y * scale.view(shape) if shift is None else torch.addcmul(shift.view(shape), y, scale.view(shape))
     return out.to(y.dtype)
