@@ -113,11 +113,14 @@ class BottleneckAdd(torch.autograd.Function):
 
     Why a Function: autograd would save h, z = D h + b_D and a = f(z) and record six nodes; this
     saves h and z only (a is recomputed in backward, m wide), and the sum is one fused `addmm`.
-    For a series adapter h is y itself; autograd adds the two gradients it returns for it.
+    A series adapter reads y itself and passes h = None: torch.compile cannot trace a Function given
+    the same tensor twice (a graph break per adapter), so backward adds both gradients of y itself.
     """
 
     @staticmethod
     def forward(ctx, y, h, down, down_bias, up, up_bias, scaling: float, activation: str):
+        ctx.series = h is None
+        h = y if h is None else h
         h2 = h.reshape(-1, h.shape[-1])  # (tokens, d_in)
         z = torch.addmm(down_bias, h2, down.t())  # (tokens, m)
         a = ACTIVATIONS[activation][0](z)
@@ -140,7 +143,9 @@ class BottleneckAdd(torch.autograd.Function):
         h2 = h.reshape(-1, h.shape[-1])
         d_down = dz.t() @ h2 if need[2] else None  # (m, d_in)
         d_down_bias = dz.sum(0) if need[3] else None
-        dh = (dz @ down).view(h.shape) if need[1] else None
+        dh = (dz @ down).view(h.shape) if need[1] or (ctx.series and need[0]) else None
+        if ctx.series:  # y fed the adapter too: dL/dy = grad + dL/dh
+            return grad if dh is None else grad + dh, None, d_down, d_down_bias, d_up, d_up_bias, None, None
         return grad, dh, d_down, d_down_bias, d_up, d_up_bias, None, None
 
 
@@ -185,9 +190,10 @@ class BottleneckAdapter(AdapterLayer):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"a bottleneck adapter needs a module that returns one tensor; {type(self.base).__name__} "
                             f"returns {type(y).__name__}: target its output projection instead")
-        return self._add(y, x if self.parallel else y)
+        return self._add(y, x if self.parallel else None)
 
-    def _add(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def _add(self, y: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """y + the adapter's output on h (parallel: the module's input) or, for h None, on y (series)."""
         params = (self.adapter_down, self.adapter_down_bias, self.adapter_up, self.adapter_up_bias)
         device = y.device.type
         if torch.is_autocast_enabled(device):
@@ -195,7 +201,7 @@ class BottleneckAdapter(AdapterLayer):
         else:  # a bf16 base with fp32 adapters computes the adapter in fp32, like LoRA
             dtype = torch.promote_types(y.dtype, self.adapter_down.dtype)
         with torch.autocast(device, enabled=False):
-            out = BottleneckAdd.apply(y.to(dtype), h.to(dtype), *(p.to(dtype) for p in params),
+            out = BottleneckAdd.apply(y.to(dtype), None if h is None else h.to(dtype), *(p.to(dtype) for p in params),
                                       self.scaling, self.activation)
         return out.to(y.dtype)
 
