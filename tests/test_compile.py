@@ -29,12 +29,12 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn as nn
-from test_contract import ROWS, _row_id, perturb
 
 import peftkit
 from peftkit.core.layer import AdapterLayer, adapter_layers
 
 from contract_counts import spt_planned
+from test_contract import ROWS, _row_id, perturb
 from tiny_models import MODELS, example_inputs, output_of
 
 NOT_ON_LLAMA = {"vqt": "VQT adds query tokens to ViT blocks ('blocks'); the tiny Llama has none"}
