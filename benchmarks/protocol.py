@@ -1,5 +1,12 @@
-"""What the benchmark runs: the configurations, model sizes and inference variants (shared by
-bench_step.py, which runs them, and report.py, which summarises them)."""
+"""What the benchmark runs: the configurations, model sizes, suites and which configurations merge
+(shared by bench_step.py and scaling.py, which run them, worker.py, which builds them, and report.py).
+
+A configuration is a name in CONFIGS with a peftkit builder (`peftkit_config`) and, where Hugging Face
+peft 0.21.2 has the method, a peft builder (`peft_config`) for the same adapter. Builders may read the
+run's context: total steps (rank schedules), sequence length (DePT), the model's shape (P-tuning,
+LLaMA-Adapter, LoFiT) and `rank`, which overrides the configuration's rank (or bottleneck size) for the
+scaling study; RANKED lists the configurations that have one.
+"""
 
 UNCONTENDED = 0.9
 """A job whose CPU time / wall time is below this x threads lost a core to another process."""
@@ -52,8 +59,26 @@ PROMPT_LIKE = ["prompt20", "prefix20", "ptuning20", "dept", "llama-adapter"]
 """Methods that lengthen the sequence or the attention (issue 4 allows them 1.25x the floor)."""
 NEEDS_BIAS = ["bitfit", "difffit"]
 """Configurations that train biases: they run on the "-bias" variant of the model size, against its own floor."""
+ADAPTERS = ["houlsby", "pfeiffer", "parallel"]
+ISSUE5 = ["floor", "full", "lora8-qv", "lora16-all", "dora8-all", "ia3", "prompt20", "adalora", "randlora", "bone",
+          "kron", *ADAPTERS]
+"""The benchmark suite's configurations (issue 5): training and inference at sequence 256 and 1024."""
+SUITES = {
+    "issue5": ISSUE5,
+    "issue3": ["floor", "lora16-all", *ISSUE3],  # LoRA r16: the memory reference of issue 3's targets
+    "issue4": ["floor", *ISSUE4],
+    "all": list(CONFIGS),
+}
+NOT_MERGEABLE = [*ADAPTERS, *PROMPT_LIKE]
+"""Nonlinear or sequence-lengthening: inference is timed unmerged only."""
+NO_INFERENCE = ["floor", "full", "bitfit", "ln-tuning", "difffit"]
+"""No inference timing: references, and the selection methods, whose trained tensors are the model's own
+(there are no adapter layers to swap out, so the base model would need a second copy)."""
+MERGEABLE = [c for c in CONFIGS if c not in NOT_MERGEABLE + NO_INFERENCE]
+RANKED = ["lora8-qv", "lora16-all", "dora8-all", "adalora", "increlora", "triadaptlora", "randlora", "bone",
+          "svfit16", "loldu16", "hydra8", "dsee16", "pego4x4", *ADAPTERS]
+"""Configurations whose rank (bottleneck size for the adapters) `rank` overrides."""
 QV = ["q_proj", "v_proj"]
-INFER_VARIANTS = ["base", "lora16-unmerged", "lora16-merged"]
 
 MODEL_SIZES = {  # LlamaConfig keyword arguments
     "small": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
@@ -80,35 +105,41 @@ def spread_heads(model: dict, k: int) -> list[list[int]]:
     return [[i % layers, i // layers] for i in range(k)]
 
 
-def peftkit_config(name: str, total_steps: int = 0, seq: int = 256, model: dict | None = None):
+def peftkit_config(name: str, total_steps: int = 0, seq: int = 256, model: dict | None = None,
+                   rank: int | None = None):
     """peftkit's configuration `name` for a run of `total_steps` steps on `seq` tokens of the model `model`
-    (LlamaConfig keyword arguments; the "small" size by default)."""
+    (LlamaConfig keyword arguments; the "small" size by default), with rank `rank` if given."""
     import peftkit
 
     model = model or MODEL_SIZES["small"]
+
+    def r(default: int) -> int:
+        return rank or default
+
     return {
-        "lora8-qv": lambda: peftkit.LoRAConfig(targets=["q_proj", "v_proj"], r=8, alpha=16),
-        "lora16-all": lambda: peftkit.LoRAConfig(targets=ALL_LINEAR, r=16, alpha=32),
-        "dora8-all": lambda: peftkit.DoRAConfig(targets=ALL_LINEAR, r=8, alpha=16),
+        "lora8-qv": lambda: peftkit.LoRAConfig(targets=QV, r=r(8), alpha=2 * r(8)),
+        "lora16-all": lambda: peftkit.LoRAConfig(targets=ALL_LINEAR, r=r(16), alpha=2 * r(16)),
+        "dora8-all": lambda: peftkit.DoRAConfig(targets=ALL_LINEAR, r=r(8), alpha=2 * r(8)),
         "ia3": lambda: peftkit.IA3Config(targets=["k_proj", "v_proj", "down_proj"], feedforward=["down_proj"]),
         "prompt20": lambda: peftkit.PromptTuningConfig(num_virtual_tokens=20),
-        "adalora": lambda: method("adalora", targets=QV, init_r=12, target_r=8, total_steps=total_steps),
-        "increlora": lambda: method("increlora", targets=QV, target_rank=8, total_steps=total_steps, top_h=12,
+        # rank = the rank schedules' target (AdaLoRA starts from 1.5 x it, as 12 -> 8)
+        "adalora": lambda: method("adalora", targets=QV, init_r=r(8) * 3 // 2, target_r=r(8), total_steps=total_steps),
+        "increlora": lambda: method("increlora", targets=QV, target_rank=r(8), total_steps=total_steps, top_h=12,
                                     init_warmup=1, incre_interval=1),
-        "triadaptlora": lambda: method("triadaptlora", targets=QV, target_rank=8, total_steps=total_steps,
+        "triadaptlora": lambda: method("triadaptlora", targets=QV, target_rank=r(8), total_steps=total_steps,
                                        init_warmup=1, incre_interval=1),
-        "randlora": lambda: method("randlora", targets=ALL_LINEAR, r=32),
-        "bone": lambda: method("bone", targets=ALL_LINEAR, r=64),
+        "randlora": lambda: method("randlora", targets=ALL_LINEAR, r=r(32)),
+        "bone": lambda: method("bone", targets=ALL_LINEAR, r=r(64)),
         "kron": lambda: method("diffusekrona", targets=ALL_LINEAR),
-        "svfit16": lambda: method("svfit", targets=ALL_LINEAR, r=16),
-        "loldu16": lambda: method("loldu", targets=ALL_LINEAR, r=16),
-        "hydra8": lambda: method("hydra", targets=ALL_LINEAR, r=8),
-        "dsee16": lambda: method("dsee", targets=ALL_LINEAR, r=16, num_sparse=64),
-        "pego4x4": lambda: method("pego", targets=ALL_LINEAR, r=4, num_modules=4),
+        "svfit16": lambda: method("svfit", targets=ALL_LINEAR, r=r(16)),
+        "loldu16": lambda: method("loldu", targets=ALL_LINEAR, r=r(16)),
+        "hydra8": lambda: method("hydra", targets=ALL_LINEAR, r=r(8)),
+        "dsee16": lambda: method("dsee", targets=ALL_LINEAR, r=r(16), num_sparse=64),
+        "pego4x4": lambda: method("pego", targets=ALL_LINEAR, r=r(4), num_modules=4),
         # bottleneck m = 64 (peftkit's default; LLM-Adapters' 256 is for d = 4096), relu, default placements
-        "houlsby": lambda: method("adapter", kind="houlsby", bottleneck=64),
-        "pfeiffer": lambda: method("adapter", kind="pfeiffer", bottleneck=64),
-        "parallel": lambda: method("adapter", kind="parallel", bottleneck=64),
+        "houlsby": lambda: method("adapter", kind="houlsby", bottleneck=r(64)),
+        "pfeiffer": lambda: method("adapter", kind="pfeiffer", bottleneck=r(64)),
+        "parallel": lambda: method("adapter", kind="parallel", bottleneck=r(64)),
         "ssf": lambda: method("ssf"),
         "difffit": lambda: method("difffit"),
         "ln-tuning": lambda: method("ln-tuning"),
@@ -133,22 +164,29 @@ def method(name: str, **fields):
     return peftkit.get_method(name).config_cls(**fields)
 
 
-def peft_config(name: str, total_steps: int = 0, seq: int = 256, model: dict | None = None):
+def peft_config(name: str, total_steps: int = 0, seq: int = 256, model: dict | None = None,
+                rank: int | None = None):
     """Hugging Face peft's counterpart of `peftkit_config(name, ...)` (KeyError where peft has none)."""
     import peft
 
     model = model or MODEL_SIZES["small"]
     lm = {"task_type": "CAUSAL_LM"}
+
+    def r(default: int) -> int:
+        return rank or default
+
     return {
-        "lora8-qv": lambda: peft.LoraConfig(**lm, target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16),
-        "lora16-all": lambda: peft.LoraConfig(**lm, target_modules=ALL_LINEAR, r=16, lora_alpha=32),
-        "dora8-all": lambda: peft.LoraConfig(**lm, target_modules=ALL_LINEAR, r=8, lora_alpha=16, use_dora=True),
+        "lora8-qv": lambda: peft.LoraConfig(**lm, target_modules=QV, r=r(8), lora_alpha=2 * r(8)),
+        "lora16-all": lambda: peft.LoraConfig(**lm, target_modules=ALL_LINEAR, r=r(16), lora_alpha=2 * r(16)),
+        "dora8-all": lambda: peft.LoraConfig(**lm, target_modules=ALL_LINEAR, r=r(8), lora_alpha=2 * r(8),
+                                             use_dora=True),
         "ia3": lambda: peft.IA3Config(**lm, target_modules=["k_proj", "v_proj", "down_proj"],
                                       feedforward_modules=["down_proj"]),
         "prompt20": lambda: peft.PromptTuningConfig(**lm, num_virtual_tokens=20),
-        "adalora": lambda: peft.AdaLoraConfig(**lm, target_modules=QV, init_r=12, target_r=8, total_step=total_steps),
-        "randlora": lambda: peft.RandLoraConfig(**lm, target_modules=ALL_LINEAR, r=32),
-        "bone": lambda: peft.MissConfig(**lm, target_modules=ALL_LINEAR, r=64, init_weights="bat"),
+        "adalora": lambda: peft.AdaLoraConfig(**lm, target_modules=QV, init_r=r(8) * 3 // 2, target_r=r(8),
+                                              total_step=total_steps),
+        "randlora": lambda: peft.RandLoraConfig(**lm, target_modules=ALL_LINEAR, r=r(32)),
+        "bone": lambda: peft.MissConfig(**lm, target_modules=ALL_LINEAR, r=r(64), init_weights="bat"),
         "kron": lambda: peft.LoKrConfig(**lm, target_modules=ALL_LINEAR, r=8),
         "ln-tuning": lambda: peft.LNTuningConfig(**lm),  # Llama default: input/post-attention norms and the final norm
         "prefix20": lambda: peft.PrefixTuningConfig(**lm, num_virtual_tokens=20),
@@ -157,30 +195,3 @@ def peft_config(name: str, total_steps: int = 0, seq: int = 256, model: dict | N
         "llama-adapter": lambda: peft.AdaptionPromptConfig(**lm, adapter_len=20,
                                                            adapter_layers=model["num_hidden_layers"]),
     }[name]()
-
-
-class PerStepWork:
-    """What a user runs besides forward/backward/step for a method with a schedule: peftkit's
-    `MethodSchedule` (regularizer in the loss, rank allocation after backward) or peft AdaLoRA's
-    `update_and_allocate` (peft adds AdaLoRA's regularizer inside the forward itself)."""
-
-    def __init__(self, model, lib: str) -> None:
-        self.schedule, self.peft_allocate = None, None
-        if lib == "peftkit":
-            import peftkit
-
-            self.schedule = peftkit.schedule_for(model) if peftkit.has_adapter(model) else None
-        elif lib == "peft" and hasattr(getattr(model, "base_model", None), "update_and_allocate"):
-            self.peft_allocate = model.base_model.update_and_allocate
-        self.model, self.step = model, 0
-
-    def loss(self, loss):
-        term = self.schedule.extra_loss(self.model) if self.schedule is not None else None
-        return loss if term is None else loss + term
-
-    def after_backward(self, optimizer) -> None:
-        self.step += 1
-        if self.schedule is not None:
-            self.schedule.on_after_backward(self.step, self.model, optimizer)
-        if self.peft_allocate is not None:
-            self.peft_allocate(self.step)
