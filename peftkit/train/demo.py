@@ -62,6 +62,18 @@ TEXT_METHODS: dict[str, tuple[dict, float]] = {
     "diffusekrona": ({}, 1e-2),
     "dsee": ({"r": 8, "alpha": 16, "num_sparse": 64}, 2e-3),
     "pego": ({"r": 2, "num_modules": 4, "alpha": 4}, 1e-2),
+    # additive, prompt and selective methods (issue 4)
+    "adapter": ({"kind": "houlsby", "bottleneck": 16}, 3e-3),
+    "prefix-tuning": ({"num_virtual_tokens": 20}, 3e-2),
+    "p-tuning": ({"num_virtual_tokens": 20}, 1e-3),
+    "dept": ({"num_virtual_tokens": 10, "r": 8, "max_length": 64, "embedding_lr": 1e-3}, 1e-1),
+    "bitfit": ({}, 1e-2),
+    "ln-tuning": ({}, 1e-2),
+    "ssf": ({}, 1e-2),
+    "difffit": ({}, 1e-2),
+    "lofit": ({"top_k": 16, "select_steps": 50}, 1e-2),
+    "spiel": ({"density": 0.01}, 1e-3),
+    "spt": ({"budget": 100_000}, 1e-3),
 }
 TEXT_DEFAULT = ["head-only", "full", "lora", "dora", "ia3", "prompt-tuning", "svfit"]
 """What `peftkit demo` runs (about 10-15 minutes on 2 cores); `--methods all` runs every row above."""
@@ -73,6 +85,10 @@ LM_METHODS: dict[str, tuple[dict, float]] = {
     "dora": ({"r": 16, "alpha": 32}, 1e-3),
     "ia3": ({}, 1e-2),
     "prompt-tuning": ({"num_virtual_tokens": 20}, 1e-2),
+    # not swept (the LM demo has no validation split): the papers' lrs, LLaMA-Adapter's 9e-3 rounded
+    "llama-adapter": ({"adapter_len": 10}, 1e-2),
+    "prefix-tuning": ({"num_virtual_tokens": 20}, 1e-2),
+    "p-tuning": ({"num_virtual_tokens": 20}, 1e-3),
 }
 LM_BUDGET = {"steps": 30, "batch_size": 4, "max_length": 128, "test_size": 24}
 VIT_LINEAR = ["qkv", "attn.proj", "fc1", "fc2"]
@@ -86,6 +102,10 @@ VISION_METHODS: list[tuple[str, dict, float]] = [
     ("full", {}, 2e-3),
     ("lora", {"r": 8, "alpha": 16, "targets": VIT_LINEAR}, 1e-2),
     ("vqt", {"num_queries": 5}, 3e-2),  # val 3e-3/1e-2/3e-2/1e-1: .686/.734/.750/.708
+    ("ssf", {}, 3e-2),  # val 3e-3/1e-2/3e-2/1e-1: .650/.718/.746/.698
+    ("difffit", {}, 3e-2),  # val 1e-2/3e-2/1e-1: .690/.726/.608
+    ("bitfit", {}, 3e-2),  # val 1e-2/3e-2/1e-1: .640/.676/.552
+    ("spt", {"budget": 10_000}, 3e-2),  # val 3e-3/1e-2/3e-2/1e-1: .678/.732/.788/.222 (diverged)
 ]
 VISION_MODEL = "vit-fmnist"
 VISION_REFERENCES = {"logistic regression on the 1,000 training images' pixels (0.881)": 0.881,
