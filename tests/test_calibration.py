@@ -130,3 +130,10 @@ def test_peftkit_train_calibrates_on_training_batches_and_saves_a_loadable_adapt
     cfg = loaded.peftkit_state.config
     assert (cfg.plan is not None) if method == "spt" else (len(cfg.heads) == 2)
     assert "head" in cfg.modules_to_save  # the fresh classifier head trained alongside
+
+
+def test_lofit_heads_in_layers_the_model_lacks_raise_a_clear_error():
+    model = MODELS["llama"](0)
+    with pytest.raises(peftkit.ConfigError, match="config selects none of the matched modules"):
+        peftkit.apply(model, LoFiTConfig(heads=[[7, 0]]))  # the tiny Llama has layers 0 and 1
+    assert not peftkit.has_adapter(model)

@@ -123,7 +123,9 @@ def _wrap_modules(model, cfg, build, targets: list[str], init: bool) -> list[str
             layer.reset_parameters()
     if targets and not adapted:
         kinds = sorted({type(get_module(model, n)).__name__ for n in targets})
-        raise ConfigError(f"{cfg.method} supports none of the matched module types {kinds}")
+        raise ConfigError(f"{cfg.method} supports none of the matched module types {kinds}, or its config selects "
+                          f"none of the matched modules {targets[:4]}{' ...' if len(targets) > 4 else ''} "
+                          f"(e.g. layers or heads this model lacks)")
     return adapted
 
 
