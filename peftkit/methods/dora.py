@@ -11,9 +11,19 @@ The row norm is computed without materialising W0 + s B A:
 
     ||W0 + s B A||_i^2 = ||W0_i||^2 + 2 s <B_i, (W0 A^T)_i> + s^2 B_i (A A^T) B_i^T,
 
-which costs d_out x d_in x r multiply-adds instead of a weight-sized temporary every step.
+which costs d_out x d_in x r multiply-adds instead of a weight-sized temporary every step; ||W0||^2
+per row is cached while the base weight stays the same storage at the same version (`_BaseRowNorm`).
 Unmerged forward: y = (m / n) * (W0 x + s B A dropout(x)) + b0. Linear layers only.
 Trainable per layer: r (d_in + d_out) + d_out.
+
+Memory: the per-row scale m / n is applied in place (`ScaleRows`), and backward gets
+dL/d(scale)_i = sum_t g_ti out_ti / scale_i from the layer's OUTPUT rather than from a saved copy of
+the direction. Where the consumer saves the output too (Llama's gate and up projections: SiLU's input,
+the gate product), autograd holds one (tokens, d_out) tensor where it held two; elsewhere (residual
+adds, rotary embeddings) the output costs what the direction did. A row with scale 0 (m_i = 0) cannot
+be divided back, so then the direction is saved as before. Consequence: code that changes a DoRA
+layer's output in place (an `inplace=True` activation right after it) makes backward raise autograd's
+"modified by an inplace operation" error.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..core import weights
 from ..core.registry import register
@@ -51,6 +62,7 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
         super().__init__(base, r, scaling, dropout, init)
+        self._base_norm = _BaseRowNorm()
         self.magnitude = nn.Parameter(torch.ones(weights.in_out_features(base)[1], dtype=self.lora_A.dtype,
                                                  device=self.lora_A.device))
         self._merged_norm: torch.Tensor | None = None
@@ -63,30 +75,119 @@ class DoRALinear(LoRALinear):
     def row_norm(self) -> torch.Tensor:
         """||W0 + s B A|| per output row, detached, without forming the sum (see module docstring)."""
         with torch.no_grad():
-            w = weights.get_weight(self.base).to(self.lora_A.dtype)  # (d_out, d_in)
+            w0 = weights.get_weight(self.base)  # (d_out, d_in)
+            w = w0.to(self.lora_A.dtype)
             a, b, s = self.lora_A, self.lora_B, self.scaling
-            w_at = w @ a.T  # (d_out, r)
-            sq = w.pow(2).sum(1) + 2 * s * (b * w_at).sum(1) + s * s * ((b @ (a @ a.T)) * b).sum(1)
+            # 2s <B_i, (W0 A^T)_i> + s^2 <B_i, (B A A^T)_i>, as (2s A W0^T + s^2 A A^T B^T) * B^T summed over r;
+            # A W0^T rather than W0 A^T: the GEMM reads W0 ~1.6x faster in that orientation (CPU, MKL)
+            cross = torch.addmm((a @ a.T) @ b.T, a, w.T, beta=s * s, alpha=2 * s)  # (r, d_out)
+            sq = self._base_norm.squared(self.base, w0, w) + (cross * b.T).sum(0)
             return sq.clamp_min(0).sqrt()
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scale = self.magnitude / self.row_norm()  # (d_out,)
         bias = self.bias
         y_nobias = y if bias is None else y - bias
-        # W0 x + s B A x through LoRA's low_rank: added into the base output in place (no second
-        # (tokens, d_out) tensor) when dtypes agree; y is cast to the adapter dtype first as before
+        # W0 x + s B A x through LoRA's low_rank: added into the base output in place when dtypes agree;
+        # y is cast to the adapter dtype first (a no-op unless the base runs in another dtype)
         direction = self.low_rank(self.dropout(x), y_nobias.to(scale.dtype), self.lora_A, self.lora_B)
-        out = scale * direction
+        out = scale_rows(direction, scale)
         return (out if bias is None else out + bias).to(y.dtype)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self.row_norm()
         self._merged_norm = norm
+        self._base_norm.forget()  # merge writes the base in place (weights.set_weight bumps no version)
         return (self.magnitude / norm)[:, None] * (weight + self.delta_weight().to(weight.dtype))
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self._merged_norm if self._merged_norm is not None else weight.norm(dim=1)
+        self._base_norm.forget()
         return weight * (norm / self.magnitude)[:, None] - self.delta_weight().to(weight.dtype)
+
+    def _shift_base(self, sign: float) -> None:
+        super()._shift_base(sign)  # PiSSA/OLoRA residual: the base changes in place
+        self._base_norm.forget()
+
+
+class _BaseRowNorm:
+    """||W0||^2 per row, kept while the base weight is the same storage, view and version.
+
+    Why: recomputing it reads the whole weight every step, and W0 is frozen. The storage is held by a
+    weak reference (a replaced weight's memory is freed, and a new one at the same address is not
+    mistaken for it); `_version` catches in-place writes through autograd-visible ops. Writes through
+    `.data` bump no version, so DoRALinear forgets the value on its own in-place writes (merge, unmerge,
+    PiSSA's residual). Quantized bases (a fresh dequantized tensor per read) and code being compiled
+    (torch.compile traces the plain computation) are not cached. Copies and pickles start empty.
+    """
+
+    def __init__(self) -> None:
+        self.storage: StorageWeakRef | None = None
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    def squared(self, base: nn.Module, w0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum_j W0_ij^2 (d_out,) in w's dtype; w0 is the base weight as stored, w its working-dtype copy."""
+        if hasattr(base, "peftkit_get_weight") or torch.compiler.is_compiling():
+            return w.pow(2).sum(1)
+        storage = w0.untyped_storage()
+        key = (storage._cdata, w0.storage_offset(), w0.shape, w0.stride(), w0._version, w.dtype)
+        if self.storage is None or self.storage.expired() or key != self.key:
+            self.storage, self.key, self.value = StorageWeakRef(storage), key, w.pow(2).sum(1)
+        return self.value
+
+    def forget(self) -> None:
+        self.storage, self.key, self.value = None, None, None
+
+    def __reduce__(self):
+        return (_BaseRowNorm, ())  # copy, deepcopy and pickle give an empty cache
+
+
+def scale_rows(direction: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """direction * scale (scale over the last dim), in place when autograd allows (see `ScaleRows`).
+
+    Under torch.compile the plain product is traced (the partitioner decides what to save, and the
+    zero check below would break the graph); with nothing to record it is an in-place multiply.
+    """
+    if torch.compiler.is_compiling():
+        return direction * scale
+    if not (torch.is_grad_enabled() and (direction.requires_grad or scale.requires_grad)):
+        return direction.mul_(scale)
+    # m_i = 0 makes scale_i = 0: that row of the output cannot be divided back into the direction
+    return ScaleRows.apply(direction, scale, bool((scale == 0).any()))
+
+
+class ScaleRows(torch.autograd.Function):
+    """out = direction * scale per output feature, written into `direction`; backward from the output.
+
+    Why: `scale * direction` out of place keeps the direction alive for d(scale) next to the output,
+    a second (tokens, d_out) tensor per layer. Here dL/d(scale)_i = sum_t g_ti out_ti / scale_i, and
+    the output is usually saved by its consumer as well, so autograd stores it once. The direction is
+    cloned and saved instead (the old cost) when some scale_i is 0. The direction must be a tensor
+    nothing else reads afterwards (the base output, possibly with the low-rank term added in place).
+    """
+
+    @staticmethod
+    def forward(ctx, direction: torch.Tensor, scale: torch.Tensor, keep_direction: bool) -> torch.Tensor:
+        kept = direction.clone() if keep_direction else None
+        direction.mul_(scale)
+        ctx.mark_dirty(direction)
+        ctx.save_for_backward(direction if kept is None else kept, scale)
+        ctx.from_output = kept is None
+        return direction
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved, scale = ctx.saved_tensors  # saved: the output, or the direction
+        wants_direction, wants_scale = ctx.needs_input_grad[:2]
+        if not wants_scale:
+            return grad * scale if wants_direction else None, None, None
+        product = grad * saved  # (..., d_out); its buffer is reused for the direction's gradient
+        d_scale = product.sum(dim=tuple(range(product.dim() - 1)))  # (d_out,)
+        if ctx.from_output:
+            d_scale = d_scale / scale
+        d_direction = torch.mul(grad, scale, out=product) if wants_direction else None
+        return d_direction, d_scale, None
 
 
 @register(DoRAConfig)
