@@ -64,7 +64,7 @@ TEXT_METHODS: dict[str, tuple[dict, float]] = {
     "pego": ({"r": 2, "num_modules": 4, "alpha": 4}, 1e-2),
     # additive, prompt and selective methods (issue 4). Not swept on validation (machine time): lrs from
     # the papers (LoFiT 1e-2, DePT's prompt 1e-1) or the nearest swept method (adapter as LoRA's step,
-    # prefix between prompt tuning and LoRA, BitFit/LN tuning/SSF/DiffFit as (IA)3's scale, SpIEL and SPT
+    # prefix between prompt tuning and LoRA, BitFit/LN tuning/SSF/DiffFit 1e-2 between LoRA's and (IA)3's, SpIEL/SPT
     # 10x full fine-tuning's as their papers do); README reports them as such.
     "adapter": ({"kind": "houlsby", "bottleneck": 16}, 3e-3),
     "prefix-tuning": ({"num_virtual_tokens": 20}, 3e-2),
