@@ -51,9 +51,9 @@ def reference_of(model: nn.Module) -> tuple[nn.Module, dict[str, HandLoRA]]:
     return ref, hands
 
 
-def perturbed_lora(model: nn.Module, targets=ALL_LINEAR, r: int = 4, dropout: float = 0.0) -> nn.Module:
+def perturbed_lora(model: nn.Module, targets=ALL_LINEAR, r: int = 4, dropout: float = 0.0, **patterns) -> nn.Module:
     model = model.double().train()
-    peftkit.apply(model, peftkit.LoRAConfig(targets=targets, r=r, alpha=8, dropout=dropout))
+    peftkit.apply(model, peftkit.LoRAConfig(targets=targets, r=r, alpha=8, dropout=dropout, **patterns))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -119,6 +119,15 @@ def test_llama_fuses_qkv_and_gate_up_after_the_first_backward():
         names = assert_matches_reference(model, ref, hands, run, run_ref)
         assert names.count("SharedDownBackward") == 4  # (q, k, v) and (gate, up) in both layers
         assert names.count("SiblingUpBackward") == 10 and names.count("LowRankAddBackward") == 4  # o, down
+
+
+def test_siblings_with_their_own_ranks_and_scalings():
+    model = perturbed_lora(tiny_llama(), rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"v_proj": 3.0})
+    ref, hands = reference_of(model)
+    for i in range(2):
+        names = assert_matches_reference(model, ref, hands, lambda: model(input_ids=IDS).logits,
+                                         lambda: ref(input_ids=IDS).logits)
+        assert names.count("SharedDownBackward") == 4 * i
 
 
 def test_unfused_switch_and_no_grad_do_not_fuse():
