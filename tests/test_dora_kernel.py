@@ -1,5 +1,6 @@
-"""DoRA's training kernel (dora.py): the in-place row scaling that saves the output instead of the
-direction (`ScaleRows`), and the cached ||W0||^2 per row (`_BaseRowNorm`).
+"""DoRA's training kernels (dora.py): the one-GEMM form with W' formed per call (`FoldedDoRA`, bias-free
+nn.Linear with at least d_in tokens), the in-place row scaling that saves the output instead of the
+direction (`ScaleRows`, every other case), and the cached ||W0||^2 per row (`_BaseRowNorm`).
 
 Gradients are checked against a hand-written float64 reference of the paper's formula,
 W' = m (W0 + s B A) / ||W0 + s B A||_row with the norm detached, y = x W'^T + b0; memory by what
@@ -48,11 +49,20 @@ def _grads(out: torch.Tensor, upstream: torch.Tensor, *tensors):
     return torch.autograd.grad(out, tensors, upstream)
 
 
-def _check_grads_against_reference(model, layer, w0, b0, zero_rows=()):
+FOLDED, SCALED = "FoldedDoRABackward", "ScaleRowsBackward"
+TOKENS = {SCALED: 4, FOLDED: 12}
+"""Token counts that select each kernel for a bias-free layer (folding pays from d_in = 10 tokens on)."""
+
+
+def _kernel(out: torch.Tensor) -> str:
+    return type(out.grad_fn).__name__
+
+
+def _check_grads_against_reference(model, layer, w0, b0, tokens: int, zero_rows=()):
     with torch.no_grad():
         layer.magnitude[list(zero_rows)] = 0.0
-    x = torch.randn(2, 5, D_IN, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(2, 5, D_OUT, dtype=torch.float64)
+    x = torch.randn(2, tokens // 2, D_IN, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, tokens // 2, D_OUT, dtype=torch.float64)
     params = (layer.magnitude, layer.lora_A, layer.lora_B)
     out = model(x)
     got = _grads(out, upstream, *params, x)
@@ -64,22 +74,30 @@ def _check_grads_against_reference(model, layer, w0, b0, zero_rows=()):
     torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
     for name, g, e in zip(("magnitude", "lora_A", "lora_B", "x"), got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12, msg=f"d{name} differs from the reference")
-    return got
+    return out, got
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_gradients_of_m_a_b_and_x_equal_the_reference(bias):
-    model, layer = _dora_layer(bias=bias)
-    w0 = layer.base.weight.detach().clone()
-    b0 = None if not bias else layer.base.bias.detach().clone()
-    _check_grads_against_reference(model, layer, w0, b0)
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
+def test_gradients_of_m_a_b_and_x_equal_the_reference(kernel):
+    model, layer = _dora_layer(bias=False)
+    out, _ = _check_grads_against_reference(model, layer, layer.base.weight.detach().clone(), None, TOKENS[kernel])
+    assert _kernel(out) == kernel
 
 
-def test_zero_magnitude_rows_fall_back_to_the_saved_direction():
+@pytest.mark.parametrize("tokens", TOKENS.values())
+def test_gradients_with_a_bias_equal_the_reference(tokens):
+    model, layer = _dora_layer(bias=True)
+    w0, b0 = layer.base.weight.detach().clone(), layer.base.bias.detach().clone()
+    _check_grads_against_reference(model, layer, w0, b0, tokens)
+
+
+@pytest.mark.parametrize("tokens", TOKENS.values())
+def test_zero_magnitude_rows_fall_back_to_the_saved_direction(tokens):
     """With m_i = 0 the output row is 0 and cannot be divided back; dL/dm_i must still be sum_t g_ti v_ti / n_i."""
     model, layer = _dora_layer(bias=False)
     w0 = layer.base.weight.detach().clone()
-    got = _check_grads_against_reference(model, layer, w0, None, zero_rows=(1, 4))
+    out, got = _check_grads_against_reference(model, layer, w0, None, tokens, zero_rows=(1, 4))
+    assert _kernel(out) == SCALED
     assert got[0][1].abs() > 1e-3 and got[0][4].abs() > 1e-3  # the reference's gradient there is not zero
 
 
@@ -100,15 +118,18 @@ def test_gpt2_conv1d_gradients_equal_the_reference():
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
 @pytest.mark.parametrize("trained", ["magnitude", "factors"])
-def test_gradients_when_only_some_parameters_train(trained):
+def test_gradients_when_only_some_parameters_train(trained, kernel):
     model, layer = _dora_layer(bias=False)
     for name in ("magnitude", "lora_A", "lora_B"):
         getattr(layer, name).requires_grad_((name == "magnitude") == (trained == "magnitude"))
     params = [p for p in (layer.magnitude, layer.lora_A, layer.lora_B) if p.requires_grad]
-    x = torch.randn(4, D_IN, dtype=torch.float64)
-    upstream = torch.randn(4, D_OUT, dtype=torch.float64)
-    got = _grads(model(x), upstream, *params)
+    x = torch.randn(TOKENS[kernel], D_IN, dtype=torch.float64)
+    upstream = torch.randn(TOKENS[kernel], D_OUT, dtype=torch.float64)
+    out = model(x)
+    assert _kernel(out) == kernel
+    got = _grads(out, upstream, *params)
     m, a, b = (p.detach().clone().requires_grad_(p.requires_grad) for p in (layer.magnitude, layer.lora_A, layer.lora_B))
     ref_params = [p for p in (m, a, b) if p.requires_grad]
     expected = _grads(_reference(layer.base.weight.detach(), None, a, b, m, layer.scaling, x), upstream, *ref_params)
@@ -116,15 +137,68 @@ def test_gradients_when_only_some_parameters_train(trained):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
-def test_inference_output_equals_the_reference():
-    model, layer = _dora_layer()
-    x = torch.randn(3, D_IN, dtype=torch.float64)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tokens", TOKENS.values())
+def test_inference_output_equals_the_reference(bias, tokens):
+    model, layer = _dora_layer(bias=bias)
+    x = torch.randn(tokens, D_IN, dtype=torch.float64)
     with torch.no_grad():
         out = model(x)
         expected = _reference(layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.magnitude,
                               layer.scaling, x)
     assert out.grad_fn is None
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
+def test_output_and_gradients_equal_hugging_face_peft(kernel):
+    """Both kernels against peft's DoRA (a plain nn.Linear, float32): the interop tests' tiny models see too
+    few tokens for the folded kernel."""
+    import peft
+
+    model, layer = _dora_layer(bias=False, dtype=torch.float32)
+    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False)),
+                                 peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["0"], use_dora=True))
+    their_layer = theirs.base_model.model[0]
+    pairs = [(layer.lora_A, their_layer.lora_A["default"].weight), (layer.lora_B, their_layer.lora_B["default"].weight),
+             (layer.magnitude, their_layer.lora_magnitude_vector["default"].weight)]
+    with torch.no_grad():
+        their_layer.base_layer.weight.copy_(layer.base.weight)
+        for ours, their in pairs:
+            their.copy_(ours)
+    x = torch.randn(TOKENS[kernel], D_IN)
+    upstream = torch.randn(TOKENS[kernel], D_OUT)
+    out, out_peft = model(x), theirs(x)
+    assert _kernel(out) == kernel
+    torch.testing.assert_close(out, out_peft, rtol=1e-5, atol=1e-5)
+    got = _grads(out, upstream, *(ours for ours, _ in pairs))
+    expected = _grads(out_peft, upstream, *(their for _, their in pairs))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def _hook_calls(layer) -> list:
+    calls: list = []
+    layer.base.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["bias", "hook", "autocast", "dropout", "few_tokens"])
+def test_the_base_runs_itself_where_folding_would_change_what_happens(case):
+    """Folding bypasses base(x): only for a plain, hook-free, bias-free Linear in one dtype without
+    autocast or active dropout, and with enough tokens to pay for forming W'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=case == "bias"))
+    peftkit.apply(model, DoRAConfig(r=RANK, alpha=ALPHA, targets=["0"], dropout=0.1 if case == "dropout" else 0.0))
+    layer = model[0].train()
+    calls = _hook_calls(layer) if case == "hook" else []
+    x = torch.randn(4 if case == "few_tokens" else 12, D_IN, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out = model(x)
+    assert _kernel(out) != FOLDED
+    assert calls == ([1] if case == "hook" else [])
+    if case == "dropout":  # dropout is off in eval: folding applies again
+        assert _kernel(model.eval()(x)) == FOLDED
 
 
 # --- what autograd keeps --------------------------------------------------------------------------
@@ -154,12 +228,18 @@ def _llama_like_layer(method: str, d_in=32, d_out=48):
     return model
 
 
-def test_dora_saves_no_direction_next_to_its_output():
-    """Per layer, DoRA keeps what LoRA keeps (h = x A^T) plus its output and (d_out,) vectors: no second
-    (tokens, d_out) tensor for d(scale)."""
-    x = torch.randn(8, 16, 32, requires_grad=True)  # 128 tokens
+BATCHES = {FOLDED: (8, 16), SCALED: (2, 8)}
+"""(batch, seq) that select each kernel for `_llama_like_layer` (d_in 32): 128 and 16 tokens."""
+
+
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
+def test_dora_saves_no_direction_next_to_its_output(kernel):
+    """Per layer, DoRA keeps what LoRA keeps (x; h = x A^T, which the folded form recomputes) plus its output
+    and (d_out,) vectors: no second (tokens, d_out) tensor for d(scale)."""
+    x = torch.randn(*BATCHES[kernel], 32, requires_grad=True)
     lora_saved, _ = _saved_storages(_llama_like_layer("lora"), x)
     dora_saved, out = _saved_storages(_llama_like_layer("dora"), x)
+    assert _kernel(out) == kernel
     out_bytes = out.untyped_storage().nbytes()
     assert out.untyped_storage().data_ptr() in dora_saved
     big = [n for ptr, n in dora_saved.items() if n >= out_bytes and ptr != out.untyped_storage().data_ptr()]
@@ -167,18 +247,21 @@ def test_dora_saves_no_direction_next_to_its_output():
     assert sum(dora_saved.values()) <= sum(lora_saved.values()) + out_bytes + 4 * 48 * 4  # + a few (d_out,) vectors
 
 
-def test_a_consumer_that_saves_the_output_shares_it():
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
+def test_a_consumer_that_saves_the_output_shares_it(kernel):
     """Behind SiLU (which saves its input, as Llama's gate does) DoRA costs no more than LoRA, up to (d_out,) vectors."""
-    x = torch.randn(8, 16, 32, requires_grad=True)
+    x = torch.randn(*BATCHES[kernel], 32, requires_grad=True)
     lora_saved, _ = _saved_storages(_llama_like_layer("lora"), x, consumer=F.silu)
     dora_saved, _ = _saved_storages(_llama_like_layer("dora"), x, consumer=F.silu)
     assert sum(dora_saved.values()) <= sum(lora_saved.values()) + 4 * 48 * 4
 
 
-def test_an_in_place_change_of_the_output_is_reported_by_backward():
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
+def test_an_in_place_change_of_the_output_is_reported_by_backward(kernel):
     """The documented price of saving the output: modifying it in place is an autograd error, not a wrong gradient."""
     model = _llama_like_layer("dora")
-    out = model(torch.randn(4, 32))
+    out = model(torch.randn(*BATCHES[kernel], 32))
+    assert _kernel(out) == kernel
     out.relu_()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
@@ -213,10 +296,11 @@ def test_a_changed_base_weight_is_seen(change):
     torch.testing.assert_close(layer.row_norm(), _expected_norm(layer), rtol=1e-12, atol=1e-12)
 
 
-def test_merge_unmerge_and_training_keep_the_norm_exact():
+@pytest.mark.parametrize("kernel", [FOLDED, SCALED])
+def test_merge_unmerge_and_training_keep_the_norm_exact(kernel):
     """merge/unmerge write the base through `.data` (no version bump): the layer must forget the cached value."""
-    model, layer = _dora_layer()
-    x = torch.randn(3, D_IN, dtype=torch.float64)
+    model, layer = _dora_layer(bias=False)
+    x = torch.randn(TOKENS[kernel], D_IN, dtype=torch.float64)
     with torch.no_grad():
         before = model(x)
         peftkit.merge(model)  # the base now holds the merged weight: ||W + sBA|| of that weight
