@@ -80,7 +80,8 @@ def _check_grads_against_reference(model, layer, w0, b0, tokens: int, zero_rows=
 @pytest.mark.parametrize("kernel", [FOLDED, SCALED])
 def test_gradients_of_m_a_b_and_x_equal_the_reference(kernel):
     model, layer = _dora_layer(bias=False)
-    out, _ = _check_grads_against_reference(model, layer, layer.base.weight.detach().clone(), None, TOKENS[kernel])
+    w0 = layer.base.weight.detach().clone()
+    out, _ = _check_grads_against_reference(model, layer, w0, None, TOKENS[kernel])
     assert _kernel(out) == kernel
 
 
@@ -93,7 +94,7 @@ def test_gradients_with_a_bias_equal_the_reference(tokens):
 
 @pytest.mark.parametrize("tokens", TOKENS.values())
 def test_zero_magnitude_rows_fall_back_to_the_saved_direction(tokens):
-    """With m_i = 0 the output row is 0 and cannot be divided back; dL/dm_i must still be sum_t g_ti v_ti / n_i."""
+    """With m_i = 0 the output row is 0 and cannot be divided back; dL/dm_i is still sum_t g_ti v_ti / n_i."""
     model, layer = _dora_layer(bias=False)
     w0 = layer.base.weight.detach().clone()
     out, got = _check_grads_against_reference(model, layer, w0, None, tokens, zero_rows=(1, 4))
@@ -130,9 +131,11 @@ def test_gradients_when_only_some_parameters_train(trained, kernel):
     out = model(x)
     assert _kernel(out) == kernel
     got = _grads(out, upstream, *params)
-    m, a, b = (p.detach().clone().requires_grad_(p.requires_grad) for p in (layer.magnitude, layer.lora_A, layer.lora_B))
+    m, a, b = (p.detach().clone().requires_grad_(p.requires_grad)
+               for p in (layer.magnitude, layer.lora_A, layer.lora_B))
     ref_params = [p for p in (m, a, b) if p.requires_grad]
-    expected = _grads(_reference(layer.base.weight.detach(), None, a, b, m, layer.scaling, x), upstream, *ref_params)
+    ref_out = _reference(layer.base.weight.detach(), None, a, b, m, layer.scaling, x)
+    expected = _grads(ref_out, upstream, *ref_params)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
@@ -157,10 +160,11 @@ def test_output_and_gradients_equal_hugging_face_peft(kernel):
     import peft
 
     model, layer = _dora_layer(bias=False, dtype=torch.float32)
-    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False)),
-                                 peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["0"], use_dora=True))
+    their_config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["0"], use_dora=True)
+    theirs = peft.get_peft_model(nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False)), their_config)
     their_layer = theirs.base_model.model[0]
-    pairs = [(layer.lora_A, their_layer.lora_A["default"].weight), (layer.lora_B, their_layer.lora_B["default"].weight),
+    pairs = [(layer.lora_A, their_layer.lora_A["default"].weight),
+             (layer.lora_B, their_layer.lora_B["default"].weight),
              (layer.magnitude, their_layer.lora_magnitude_vector["default"].weight)]
     with torch.no_grad():
         their_layer.base_layer.weight.copy_(layer.base.weight)
@@ -189,7 +193,8 @@ def test_the_base_runs_itself_where_folding_would_change_what_happens(case):
     autocast or active dropout, and with enough tokens to pay for forming W'."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=case == "bias"))
-    peftkit.apply(model, DoRAConfig(r=RANK, alpha=ALPHA, targets=["0"], dropout=0.1 if case == "dropout" else 0.0))
+    dropout = 0.1 if case == "dropout" else 0.0
+    peftkit.apply(model, DoRAConfig(r=RANK, alpha=ALPHA, targets=["0"], dropout=dropout))
     layer = model[0].train()
     calls = _hook_calls(layer) if case == "hook" else []
     x = torch.randn(4 if case == "few_tokens" else 12, D_IN, requires_grad=True)
@@ -244,12 +249,13 @@ def test_dora_saves_no_direction_next_to_its_output(kernel):
     assert out.untyped_storage().data_ptr() in dora_saved
     big = [n for ptr, n in dora_saved.items() if n >= out_bytes and ptr != out.untyped_storage().data_ptr()]
     assert not big, f"DoRA saves another output-sized tensor: {big}"
-    assert sum(dora_saved.values()) <= sum(lora_saved.values()) + out_bytes + 4 * 48 * 4  # + a few (d_out,) vectors
+    assert sum(dora_saved.values()) <= sum(lora_saved.values()) + out_bytes + 4 * 48 * 4  # + (d_out,) vectors
 
 
 @pytest.mark.parametrize("kernel", [FOLDED, SCALED])
 def test_a_consumer_that_saves_the_output_shares_it(kernel):
-    """Behind SiLU (which saves its input, as Llama's gate does) DoRA costs no more than LoRA, up to (d_out,) vectors."""
+    """Behind SiLU (which saves its input, as after Llama's gate) DoRA costs what LoRA costs, up to (d_out,)
+    vectors."""
     x = torch.randn(*BATCHES[kernel], 32, requires_grad=True)
     lora_saved, _ = _saved_storages(_llama_like_layer("lora"), x, consumer=F.silu)
     dora_saved, _ = _saved_storages(_llama_like_layer("dora"), x, consumer=F.silu)
@@ -258,7 +264,8 @@ def test_a_consumer_that_saves_the_output_shares_it(kernel):
 
 @pytest.mark.parametrize("kernel", [FOLDED, SCALED])
 def test_an_in_place_change_of_the_output_is_reported_by_backward(kernel):
-    """The documented price of saving the output: modifying it in place is an autograd error, not a wrong gradient."""
+    """The documented price of saving the output: changing it in place is an autograd error, not a wrong
+    gradient."""
     model = _llama_like_layer("dora")
     out = model(torch.randn(*BATCHES[kernel], 32))
     assert _kernel(out) == kernel
@@ -298,7 +305,8 @@ def test_a_changed_base_weight_is_seen(change):
 
 @pytest.mark.parametrize("kernel", [FOLDED, SCALED])
 def test_merge_unmerge_and_training_keep_the_norm_exact(kernel):
-    """merge/unmerge write the base through `.data` (no version bump): the layer must forget the cached value."""
+    """merge/unmerge write the base through `.data` (no version bump): the layer must forget its cached
+    value."""
     model, layer = _dora_layer(bias=False)
     x = torch.randn(TOKENS[kernel], D_IN, dtype=torch.float64)
     with torch.no_grad():
