@@ -26,12 +26,16 @@ class Dist:
     owns_group: bool
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """The torch device of this process: "auto" is cuda:LOCAL_RANK when a GPU is present, else cpu."""
+    if device == "auto":
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def setup_distributed(device: str = "auto") -> Dist:
     """Join the process group torchrun describes (WORLD_SIZE, LOCAL_RANK); a single process otherwise."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     owns = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if owns:
         if dev.type == "cuda":

@@ -36,7 +36,7 @@ from ..core.inject import head_module_names
 from ..core.params import print_summary
 from ..core.registry import get_method, registered_methods
 from .data import CausalLMDataset, ClassificationDataset, collate, read_records
-from .distributed import setup_distributed
+from .distributed import resolve_device
 from .evaluation import autocast_for, to_device
 from .images import DATASETS as IMAGE_DATASETS
 from .images import image_dataset
@@ -244,7 +244,7 @@ def calibrated(adapter_cfg: Any, model, train_data, collate_fn, cfg: RunConfig) 
     """
     if not needs_calibration(adapter_cfg):
         return adapter_cfg
-    device = setup_distributed(cfg.train.device).device
+    device = resolve_device(cfg.train.device)  # not setup_distributed: the loop joins the process group
     model.to(device)
     batches = (to_device(b, device) for b in micro_batches(train_data, collate_fn, cfg.train, 0, Dist(0, 1, device, False)))
     print(f"calibrating {adapter_cfg.method} on training batches of {cfg.train.batch_size}", flush=True)
