@@ -152,7 +152,9 @@ def environment(args) -> dict:
            "python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "peft": peft.__version__,
            "matplotlib": matplotlib.__version__, "peftkit_commit": commit + ("+dirty" if dirty else ""),
-           "loadavg_start": list(os.getloadavg())}
+           "loadavg_start": list(os.getloadavg()),
+           # glibc's heap trimming decides how many pages a step faults in again (see NOTES.md)
+           "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}}
     if args.device == "cuda":
         env["gpu"] = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}"
     return env

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -165,8 +166,11 @@ def train_job(spec: dict) -> dict:
             opt.zero_grad(set_to_none=True)
 
     cpu: list[float] = []
-    times = [timed(step, spec["device"], cpu) for _ in range(spec["warmup"] + spec["steps"])][spec["warmup"]:]
-    return {"step_ms": statistics.median(times), "step_ms_all": times,
+    times = [timed(step, spec["device"], cpu) for _ in range(spec["warmup"])]
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times = [timed(step, spec["device"], cpu) for _ in range(spec["steps"])]
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(spec["steps"], 1)
+    return {"step_ms": statistics.median(times), "step_ms_all": times, "page_faults_per_step": faults,
             "cpu_util": statistics.median(c / t for c, t in zip(cpu[spec["warmup"]:], times, strict=True)),
             "peak_delta_mb": memory_peak(spec["device"]) - mem0,
             "trainable": sum(p.numel() for p in params), "base_params": n_base}
