@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import peftkit
+from peftkit.core import weights
 from peftkit.methods.dora import DoRAConfig
 
 from tiny_models import tiny_gpt2
@@ -303,10 +304,19 @@ def test_a_changed_base_weight_is_seen(change):
     torch.testing.assert_close(layer.row_norm(), _expected_norm(layer), rtol=1e-12, atol=1e-12)
 
 
+def test_a_base_written_by_set_weight_is_seen_without_forgetting():
+    """weights.set_weight (merge, unmerge, PiSSA's shift, other methods' writes) bumps the version."""
+    _, layer = _dora_layer()
+    layer.row_norm()
+    version = layer.base.weight._version
+    weights.set_weight(layer.base, torch.randn(D_OUT, D_IN, dtype=torch.float64))
+    assert layer.base.weight._version > version
+    torch.testing.assert_close(layer.row_norm(), _expected_norm(layer), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel", [FOLDED, SCALED])
 def test_merge_unmerge_and_training_keep_the_norm_exact(kernel):
-    """merge/unmerge write the base through `.data` (no version bump): the layer must forget its cached
-    value."""
+    """merge/unmerge write the base in place; the cached value must follow."""
     model, layer = _dora_layer(bias=False)
     x = torch.randn(TOKENS[kernel], D_IN, dtype=torch.float64)
     with torch.no_grad():

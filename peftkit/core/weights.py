@@ -80,13 +80,16 @@ def get_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write a canonical-layout weight back into the base layer, in place (keeps the Parameter)."""
+    """Write a canonical-layout weight back into the base layer, in place (keeps the Parameter).
+
+    Written through the Parameter itself, not `.data`, so its version counter moves: caches keyed on the
+    weight's version (DoRA's ||W0|| per row) see the write."""
     if hasattr(module, "peftkit_set_weight"):
         module.peftkit_set_weight(weight)
         return
     if layer_kind(module) == "conv1d":
         weight = weight.T
-    module.weight.data.copy_(weight.to(module.weight.dtype))
+    module.weight.copy_(weight.to(module.weight.dtype))
 
 
 def get_bias(module: nn.Module) -> torch.Tensor | None:

@@ -135,7 +135,7 @@ class DoRALinear(LoRALinear):
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self.row_norm()
         self._merged_norm = norm
-        self._base_norm.forget()  # merge writes the base in place (weights.set_weight bumps no version)
+        self._base_norm.forget()  # merge writes the base in place (set_weight bumps the version too)
         return (self.magnitude / norm)[:, None] * (weight + self.delta_weight().to(weight.dtype))
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -153,9 +153,9 @@ class _BaseRowNorm:
 
     Why: recomputing it reads the whole weight every step, and W0 is frozen. The storage is held by a
     weak reference (a replaced weight's memory is freed, and a new one at the same address is not
-    mistaken for it); `_version` catches in-place writes through autograd-visible ops. Writes through
-    `.data` bump no version, so DoRALinear forgets the value on its own in-place writes (merge, unmerge,
-    PiSSA's residual). Quantized bases (a fresh dequantized tensor per read) and code being compiled
+    mistaken for it); `_version` catches in-place writes, `weights.set_weight` included. Writes through
+    `.data` bump no version (a user's `weight.data.copy_`), so DoRALinear also forgets the value on its
+    own in-place writes (merge, unmerge, PiSSA's residual), belt and braces. Quantized bases (a fresh dequantized tensor per read) and code being compiled
     (torch.compile traces the plain computation) are not cached. Copies and pickles start empty.
     """
 
