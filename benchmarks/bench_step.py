@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from protocol import CONFIGS, MODEL_SIZES, NO_INFERENCE, SUITES, model_size_for  # noqa: E402
-from report import environment, write_report  # noqa: E402
+from report import environment, rerender, write_report  # noqa: E402
 from runner import run_job, run_rounds  # noqa: E402
 
 
@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="model weights (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--model-size", choices=list(MODEL_SIZES), help='default: "small" on CPU, "1b" on CUDA')
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and plot of an earlier run's JSON")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.render:
+        print(rerender(Path(args.render)).read_text())
+        return
     env = environment(args)
     file_result = None
     if args.file:

@@ -196,3 +196,13 @@ def write_report(args, rounds: list[list[dict]], env: dict, file_result: dict | 
     (out / f"{stem}.md").write_text(markdown(report))
     plot(report, out / f"{stem}.png")
     return out / f"{stem}.md"
+
+
+def rerender(path: Path) -> Path:
+    """Rewrite the Markdown and the plot next to a results JSON from the numbers in it (no job runs)."""
+    from tables import markdown, plot
+
+    report = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(markdown(report))
+    plot(report, path.with_suffix(".png"))
+    return path.with_suffix(".md")

@@ -52,10 +52,34 @@ def infer_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def summary_table(sections: list[dict]) -> list[str]:
+    """One row per configuration: step x floor of each library at every sequence length, then peftkit's
+    step and peak memory x peft's (the table the README quotes)."""
+    seqs = [s["seq"] for s in sections]
+    cols = [f"{lib} x floor @{q}" for q in seqs for lib in ("peftkit", "peft")]
+    cols += [f"x peft @{q}" for q in seqs] + [f"memory x peft @{q}" for q in seqs]
+    lines = ["| config | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
+    labels = list(dict.fromkeys((r["config"], r["label"]) for s in sections for r in s["train"]
+                                if r["config"] != "floor"))
+
+    def value(s: dict, label: str, lib: str, key: str) -> float | None:
+        row = next((r for r in s["train"] if r["label"] == label and r["lib"] == lib), None)
+        return None if row is None else row[key]
+
+    for config, label in labels:
+        lib = "torch" if config in ("floor", "full") else "peftkit"
+        cells = [fmt(value(s, label, lb, "x_floor")) for s in sections for lb in (lib, "peft")]
+        cells += [fmt(value(s, label, lib, k)) for k in ("x_peft", "mem_x_peft") for s in sections]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = header(report, f"peftkit vs peft: training step, memory, inference ({a['device']}, model "
                            f"{a['model_size']})")
+    lines += ["", "## Summary (medians of per-round ratios; full fine-tuning is plain torch)", "",
+              *summary_table(report["sections"])]
     for s in report["sections"]:
         lines += ["", f"## Sequence {s['seq']}: training step", "", *train_table(s["train"])]
         if s["infer"]:

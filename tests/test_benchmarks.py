@@ -1,0 +1,69 @@
+"""Smoke tests of the benchmark suite (benchmarks/): every configuration builds and trains a step with
+each library the protocol runs it with, and the report's ratios and files come out of known numbers.
+The timed runs themselves are not tests (this machine is shared and noisy); see benchmarks/README.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_step  # noqa: E402
+import report  # noqa: E402
+import worker  # noqa: E402
+from protocol import CONFIGS, MODEL_SIZES  # noqa: E402
+
+# 16 attention heads in all (LoFiT stage 2 picks 16), a few thousand parameters
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=128)
+
+
+def _spec(config: str, lib: str, **extra) -> dict:
+    size = "small-bias" if config in ("bitfit", "difffit") else "small"
+    return {"kind": "train", "lib": lib, "config": config, "device": "cpu", "dtype": "fp32", "seed": 0,
+            "model_size": size, "model": TINY, "batch": 2, "seq": 12, "threads": 1, "warmup": 1, "steps": 2,
+            **extra}
+
+
+@pytest.mark.parametrize("config,lib", [(c, lib) for c, (_, libs) in CONFIGS.items() for lib in libs])
+def test_every_configuration_trains_with_its_library(config, lib):
+    out = worker.train_job(_spec(config, lib))
+    assert len(out["step_ms_all"]) == 2 and out["page_faults_per_step"] >= 0
+    assert (out["trainable"] > 0) == (config != "floor")
+
+
+def _job(lib: str, config: str, step_ms: float, mem: float, seq: int = 64, trainable: int = 10) -> dict:
+    return {"kind": "train", "lib": lib, "config": config, "model_size": "small", "seq": seq, "step_ms": step_ms,
+            "peak_delta_mb": mem, "trainable": trainable, "base_params": 1000, "attempts": 1, "round": 0}
+
+
+def test_ratios_are_medians_of_per_round_ratios_and_the_files_are_written(tmp_path):
+    # floor 100 / 200 / 100 ms: per-round ratios of a 110 / 200 / 130 ms job are 1.1 / 1.0 / 1.3 -> median 1.1
+    rounds = [[_job("torch", "floor", f, 400, trainable=0), _job("peftkit", "lora16-all", k, 450),
+               _job("peft", "lora16-all", p, 500)]
+              for f, k, p in ((100, 110, 120), (200, 200, 250), (100, 130, 120))]
+    args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "64", "--no-infer", "--no-file",
+                                  "--out", str(tmp_path)])
+    env = report.environment(args)
+    path = report.write_report(args, rounds, env, None)
+    data = json.loads(path.with_suffix(".json").read_text())
+    (section,) = data["sections"]
+    row = next(r for r in section["train"] if r["lib"] == "peftkit")
+    assert row["x_floor"] == pytest.approx(1.1)
+    assert row["x_peft"] == pytest.approx(110 / 120)  # rounds: 0.917, 0.8, 1.083 -> median 0.917
+    assert row["mem_x_peft"] == pytest.approx(0.9)
+    assert any(t.startswith("[foundation] LoRA r16") and t.endswith("(met)") for t in section["targets"])
+    text = path.read_text()
+    assert "## Summary" in text and path.with_suffix(".png").stat().st_size > 0
+    path.unlink()
+    assert report.rerender(path.with_suffix(".json")).read_text() == text
+
+
+def test_model_sizes_keep_the_baseline_model():
+    small = MODEL_SIZES["small"]
+    assert (small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]) == (384, 1024, 6)
