@@ -19,8 +19,6 @@ restores W0 exactly, and the Hugging Face export folds them into a plain rank-2r
 
 Layers: `nn.Linear` and GPT-2 `Conv1D` (LoRALinear), `nn.Embedding` (LoRAEmbedding, peft's
 layout: A zero, B normal), `nn.Conv2d` (LoRAConv2d: A is an r-channel conv, B a 1x1 conv).
-LoRALinear layers that read the same input (q/k/v, gate/up) share one down projection x [A_1; A_2; ...]^T
-in training (`shared_lowrank`: found at run time, checked on every call).
 """
 
 from __future__ import annotations
@@ -40,7 +38,6 @@ from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import get_module, matches
 from ..core.layer import AdapterLayer
 from ..core.registry import register
-from . import shared_lowrank
 from .lowrank import add_low_rank
 
 
@@ -244,13 +241,9 @@ class LoRALinear(LoRALayer):
         if r > min(d_in, d_out) and INITS[init].changes_base:
             raise ConfigError(f"{init} needs r <= min(d_in, d_out) = {min(d_in, d_out)}, got r={r}")
         super().__init__(base, r, scaling, dropout, init, (r, d_in), (d_out, r))
-        self.siblings: shared_lowrank.Siblings | None = None
-        """Layers that receive the same input tensor (set at run time by `shared_lowrank`)."""
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # = self.low_rank(self.dropout(x), y, self.lora_A, self.lora_B), with the down projection shared
-        # among sibling layers where that applies (a subclass changing `low_rank` overrides `adapt` too)
-        return shared_lowrank.low_rank(self, x, y)
+        return self.low_rank(self.dropout(x), y, self.lora_A, self.lora_B)
 
     def low_rank(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """y + s B A x (see `lowrank.add_low_rank`)."""
