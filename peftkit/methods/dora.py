@@ -48,6 +48,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from ..core import weights
 from ..core.registry import register
 from .lora import LoRAConfig, LoRALinear
+from .lowrank import owns_plain_linear
 
 
 @dataclass
@@ -112,12 +113,8 @@ class DoRALinear(LoRALinear):
         in one dtype without autocast, with no dropout active; cheaper once tokens >= d_in (forming W' moves
         ~d_out x d_in values, the add and the scaling ~tokens x d_out each, in forward and again in backward).
         """
-        base, w = self.base, getattr(self.base, "weight", None)
-        return (type(base) is nn.Linear and base.bias is None and not base._forward_hooks
-                and not base._forward_pre_hooks and "forward" not in base.__dict__ and not w.requires_grad
-                and x.dtype == w.dtype == self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type)
-                and (isinstance(self.dropout, nn.Identity) or not self.dropout.training)
-                and x.numel() >= x.shape[-1] ** 2 and not torch.compiler.is_compiling())
+        return (getattr(self.base, "bias", None) is None and x.numel() >= x.shape[-1] ** 2
+                and owns_plain_linear(self.base, x, self.lora_A, self.dropout))
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._scaled_direction(x, y, self.magnitude / self.row_norm())

@@ -38,7 +38,7 @@ from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import get_module, matches
 from ..core.layer import AdapterLayer
 from ..core.registry import register
-from .lowrank import add_low_rank
+from .lowrank import LinearLowRank, add_low_rank, owns_plain_linear
 
 
 @dataclass
@@ -241,6 +241,18 @@ class LoRALinear(LoRALayer):
         if r > min(d_in, d_out) and INITS[init].changes_base:
             raise ConfigError(f"{init} needs r <= min(d_in, d_out) = {min(d_in, d_out)}, got r={r}")
         super().__init__(base, r, scaling, dropout, init, (r, d_in), (d_out, r))
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base GEMM and the update in one Function (`LinearLowRank`: dL/dx summed in place) where the
+        base is a plain frozen nn.Linear, else base(x) followed by `adapt`."""
+        if args or kwargs or not self._owns_base(x):
+            return self.adapt(x, self.base(x, *args, **kwargs))
+        return LinearLowRank.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
+
+    def _owns_base(self, x: torch.Tensor) -> bool:
+        # subclasses that change the update (DSEE's sparse part, PEGO's group) keep the two-step path
+        plain = type(self).adapt is LoRALinear.adapt and type(self).low_rank is LoRALinear.low_rank
+        return plain and owns_plain_linear(self.base, x, self.lora_A, self.dropout)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.low_rank(self.dropout(x), y, self.lora_A, self.lora_B)

@@ -81,3 +81,50 @@ class LowRankAdd(torch.autograd.Function):
         # (h^T g)^T, not g^T h: BLAS reads the wide (tokens, d_out) grad faster untransposed (~1.5x at d_out 1024)
         db = (h.t() @ g2).mul_(ctx.scaling).t() if ctx.needs_input_grad[3] else None  # (d_out, r)
         return grad, dx, da, db, None
+
+
+def owns_plain_linear(base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, dropout: torch.nn.Module) -> bool:
+    """Whether a kernel may run the base layer's GEMM itself: a plain nn.Linear called through its own
+    forward (no hooks, no patched forward), frozen (bias too), one dtype without autocast, no dropout active, not
+    being traced by torch.compile (which fuses the plain computation on its own). Shared by LoRA's
+    `LinearLowRank` and DoRA's folded kernel."""
+    w, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+    return (type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
+            and "forward" not in base.__dict__ and not w.requires_grad and (bias is None or not bias.requires_grad)
+            and x.dtype == w.dtype == a.dtype and not torch.is_autocast_enabled(x.device.type)
+            and (isinstance(dropout, torch.nn.Identity) or not dropout.training)
+            and not torch.compiler.is_compiling())
+
+
+class LinearLowRank(torch.autograd.Function):
+    """y = x W0^T + b0 + s (x A^T) B^T for a frozen nn.Linear, base GEMM and update in one Function.
+
+    Why: with the base layer and `LowRankAdd` as two autograd nodes, backward produces dL/dx twice,
+    g W0 (the base's) and dh A (the update's), and autograd allocates and sums them: one more
+    (tokens, d_in) tensor written and read per layer. Here dx = g W0 is computed and dh A accumulated
+    into it in place (`addmm_`). Saved: x (the base saves it anyway) and h = x A^T (tokens, r); W0 is
+    the layer's own frozen weight, not a copy. Measured on the benchmark Llama (LoRA r16 all linear,
+    2 threads, one process alternating per step): 1.221 -> 1.181, 1.191 -> 1.167, 1.232 -> 1.181x the floor.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()  # (tokens, r)
+        y = x2 @ w0.t() if b0 is None else torch.addmm(b0, x2, w0.t())
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, h, w0, a, b)
+        ctx.scaling = scaling
+        return y.view(*x.shape[:-1], w0.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, h, w0, a, b = ctx.saved_tensors
+        wants_x, _, _, wants_a, wants_b, _ = ctx.needs_input_grad
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        dh = (g2 @ b).mul_(ctx.scaling) if wants_x or wants_a else None  # (tokens, r)
+        db = (h.t() @ g2).mul_(ctx.scaling).t() if wants_b else None  # (h^T g)^T: the fast orientation
+        da = dh.t() @ x2 if wants_a else None
+        dx = (g2 @ w0).addmm_(dh, a).view(x.shape) if wants_x else None
+        return dx, None, None, da, db, None
