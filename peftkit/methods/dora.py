@@ -152,8 +152,9 @@ class _BaseRowNorm:
     weak reference (a replaced weight's memory is freed, and a new one at the same address is not
     mistaken for it); `_version` catches in-place writes, `weights.set_weight` included. Writes through
     `.data` bump no version (a user's `weight.data.copy_`), so DoRALinear also forgets the value on its
-    own in-place writes (merge, unmerge, PiSSA's residual), belt and braces. Quantized bases (a fresh dequantized tensor per read) and code being compiled
-    (torch.compile traces the plain computation) are not cached. Copies and pickles start empty.
+    own in-place writes (merge, unmerge, PiSSA's residual), belt and braces. Quantized bases (a fresh
+    dequantized tensor per read) and code being compiled (torch.compile traces the plain computation)
+    are not cached. Copies and pickles start empty.
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,5 @@
-"""The shared low-rank kernel: y += s B A x accumulated into the base output, saving only what backward needs.
+"""The shared low-rank kernel: y += s B A x accumulated into the base output, saving only what backward needs;
+and `LinearLowRank`, the same with the base GEMM of a plain frozen nn.Linear in one Function (LoRA).
 
 Also `apply_in_place`, how every in-place kernel of peftkit's methods (this one, DSEE's sparse add, SSF's
 scale-shift, the Kronecker and diagonal-basis adds, Hydra's biased add) is called.
@@ -85,12 +86,13 @@ class LowRankAdd(torch.autograd.Function):
 
 def owns_plain_linear(base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, dropout: torch.nn.Module) -> bool:
     """Whether a kernel may run the base layer's GEMM itself: a plain nn.Linear called through its own
-    forward (no hooks, no patched forward), frozen (bias too), one dtype without autocast, no dropout active, not
-    being traced by torch.compile (which fuses the plain computation on its own). Shared by LoRA's
-    `LinearLowRank` and DoRA's folded kernel."""
+    forward (no hooks, no patched forward), frozen (bias too), one dtype without autocast, no dropout
+    active, not being traced by torch.compile (which fuses the plain computation on its own). Shared by
+    LoRA's `LinearLowRank` and DoRA's folded kernel."""
     w, bias = getattr(base, "weight", None), getattr(base, "bias", None)
     return (type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks
-            and "forward" not in base.__dict__ and not w.requires_grad and (bias is None or not bias.requires_grad)
+            and "forward" not in base.__dict__ and not w.requires_grad
+            and (bias is None or not bias.requires_grad)
             and x.dtype == w.dtype == a.dtype and not torch.is_autocast_enabled(x.device.type)
             and (isinstance(dropout, torch.nn.Identity) or not dropout.training)
             and not torch.compiler.is_compiling())
