@@ -109,9 +109,10 @@ COSTS: dict[str, Cost] = {
                        lambda sh, r: over(sh, ALL_LINEAR, lambda i, o: sh.tokens * r * FLOAT), LOWRANK,
                        "T r floats per adapted linear", 16),
     "dora8-all": Cost(lambda sh, r: over(sh, ALL_LINEAR, lambda i, o: 3 * r * (i + o) + (i * o * r + o * r * r) / sh.tokens),
-                      lambda sh, r: over(sh, ALL_LINEAR, lambda i, o: sh.tokens * (r + o) * FLOAT),
+                      lambda sh, r: over(sh, ALL_LINEAR, lambda i, o: sh.tokens * o * FLOAT),
                       LOWRANK + " + the row norm, (d_in d_out r + d_out r^2) / T",
-                      "T (r + d_out) floats per adapted linear (h and the unscaled output)", 8),
+                      "at most T d_out floats per adapted linear (the output, for d(scale); shared where the "
+                      "next op keeps it; h is recomputed)", 8),
     "adalora": Cost(lambda sh, r: over(sh, QV, lambda i, o: 3 * (r * 3 // 2) * (i + o) + 3 * (r * 3 // 2) ** 2 * (i + o) / sh.tokens),
                     lambda sh, r: over(sh, QV, lambda i, o: sh.tokens * (r * 3 // 2) * FLOAT),
                     "3 r0 (d_in + d_out) + the orthogonality term 3 r0^2 (d_in + d_out) / T (q, v; r0 = 1.5 r)",
