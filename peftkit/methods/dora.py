@@ -132,17 +132,11 @@ class DoRALinear(LoRALinear):
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self.row_norm()
         self._merged_norm = norm
-        self._base_norm.forget()  # merge writes the base in place (set_weight bumps the version too)
         return (self.magnitude / norm)[:, None] * (weight + self.delta_weight().to(weight.dtype))
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self._merged_norm if self._merged_norm is not None else weight.norm(dim=1)
-        self._base_norm.forget()
         return weight * (norm / self.magnitude)[:, None] - self.delta_weight().to(weight.dtype)
-
-    def _shift_base(self, sign: float) -> None:
-        super()._shift_base(sign)  # PiSSA/OLoRA residual: the base changes in place
-        self._base_norm.forget()
 
 
 class _BaseRowNorm:
@@ -150,11 +144,11 @@ class _BaseRowNorm:
 
     Why: recomputing it reads the whole weight every step, and W0 is frozen. The storage is held by a
     weak reference (a replaced weight's memory is freed, and a new one at the same address is not
-    mistaken for it); `_version` catches in-place writes, `weights.set_weight` included. Writes through
-    `.data` bump no version (a user's `weight.data.copy_`), so DoRALinear also forgets the value on its
-    own in-place writes (merge, unmerge, PiSSA's residual), belt and braces. Quantized bases (a fresh
-    dequantized tensor per read) and code being compiled (torch.compile traces the plain computation)
-    are not cached. Copies and pickles start empty.
+    mistaken for it); `_version` catches in-place writes, `weights.set_weight` included (merge, unmerge,
+    PiSSA's residual shift). A write through `.data` bumps no version and is not seen: `layer._base_norm.forget()`
+    after one. Bases with their own weight protocol (`peftkit_get_weight` / `peftkit_set_weight`, e.g. a
+    fresh dequantized tensor per read) and code being compiled (torch.compile traces the plain
+    computation) are not cached. Copies and pickles start empty.
     """
 
     def __init__(self) -> None:
@@ -164,7 +158,8 @@ class _BaseRowNorm:
 
     def squared(self, base: nn.Module, w0: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum_j W0_ij^2 (d_out,) in w's dtype; w0 is the base weight as stored, w its working-dtype copy."""
-        if hasattr(base, "peftkit_get_weight") or torch.compiler.is_compiling():
+        custom = hasattr(base, "peftkit_get_weight") or hasattr(base, "peftkit_set_weight")
+        if custom or torch.compiler.is_compiling():
             return w.pow(2).sum(1)
         storage = w0.untyped_storage()
         key = (storage._cdata, w0.storage_offset(), w0.shape, w0.stride(), w0._version, w.dtype)
