@@ -145,8 +145,8 @@ class _BaseRowNorm:
     Why: recomputing it reads the whole weight every step, and W0 is frozen. The storage is held by a
     weak reference (a replaced weight's memory is freed, and a new one at the same address is not
     mistaken for it); `_version` catches in-place writes, `weights.set_weight` included (merge, unmerge,
-    PiSSA's residual shift). A write through `.data` bumps no version and is not seen: `layer._base_norm.forget()`
-    after one. Bases with their own weight protocol (`peftkit_get_weight` / `peftkit_set_weight`, e.g. a
+    PiSSA's residual shift). A write through `.data` bumps no version and is not seen: call
+    `layer._base_norm.forget()` after one. Bases with their own weight protocol (`peftkit_get_weight` / `peftkit_set_weight`, e.g. a
     fresh dequantized tensor per read) and code being compiled (torch.compile traces the plain
     computation) are not cached. Copies and pickles start empty.
     """
