@@ -128,7 +128,12 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn:
     run = setup_distributed(cfg.device)
     was_training = model.training
     try:
-        return _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks, run)
+        result = _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks, run)
+        if run.owns_group:
+            # no rank tears its group down while a peer is still inside a collective or writing the
+            # last checkpoint: gloo aborted a rank whose peer closed its sockets first (rare, seen in CI)
+            dist.barrier()
+        return result
     finally:
         model.train(was_training)  # hand the model back in the mode it came in
         if run.owns_group:
