@@ -4,6 +4,7 @@
     python benchmarks/bench_step.py --quick          # smoke test: 1 round, 2 + 3 steps, seq 64
     python benchmarks/bench_step.py --suite issue4 --seq 256
     python benchmarks/bench_step.py --configs lora16-all dora8-all --seq 256 --rounds 5
+    python benchmarks/bench_step.py --paired-only --rounds 1 --seq 256   # paired timing only (~15 min)
     python benchmarks/bench_step.py --device cuda    # bf16 weights + autocast on the 1.1B "1b" model
 
 The protocol is the one of `shared/reference/peft-baseline.md`: a random-init Llama (16.77M parameters),
@@ -13,7 +14,10 @@ Rounds run every job once in a shuffled order; medians over rounds are reported,
 within a round (a job against the floor of the same model size and sequence length, or against the peft
 job of the same round) before the median, so slow drift of the machine's load cancels. Inference is one
 process per (library, configuration, sequence length) that times the base model, the adapter unmerged
-and (where it merges) merged, interleaved on the same weights (inference.py). See benchmarks/README.md.
+and (where it merges) merged, interleaved on the same weights (inference.py). The paired timing job
+(paired.py) holds the floor and each library's model of one configuration in one process and takes step
+ratios within a cycle of one step each: a second, tighter estimate of x floor and x peft, whose spread
+over cycles is reported. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,11 +40,16 @@ def job_specs(args) -> list[dict]:
         common = {"device": args.device, "dtype": args.dtype, "seed": 0, "batch": args.batch, "seq": seq,
                   "threads": args.threads}
         train = {**common, "kind": "train", "warmup": args.warmup, "steps": args.steps}
-        jobs = [{**train, "lib": lib, "config": c, "model_size": model_size_for(c, args.model_size)}
-                for c in args.configs for lib in CONFIGS[c][1]]
+        jobs = [] if args.paired_only else [
+            {**train, "lib": lib, "config": c, "model_size": model_size_for(c, args.model_size)}
+            for c in args.configs for lib in CONFIGS[c][1]]
         sizes = sorted({j["model_size"] for j in jobs})  # each model size its own floor: ratios stay within a size
         jobs += [{**train, "lib": "torch", "config": "floor", "model_size": size} for size in sizes
                  if not any(j["config"] == "floor" and j["model_size"] == size for j in jobs)]
+        paired = {**common, "kind": "paired", "lib": "paired", "warmup": args.paired_warmup,
+                  "steps": args.paired_cycles}
+        jobs += [{**paired, "config": c, "model_size": model_size_for(c, args.model_size)}
+                 for c in args.configs if c != "floor" and args.paired_cycles > 0]
         infer = {**common, "kind": "infer", "warmup": args.infer_warmup, "steps": args.infer_steps}
         jobs += [{**infer, "lib": lib, "config": c, "model_size": model_size_for(c, args.model_size)}
                  for c in args.infer_configs for lib in CONFIGS[c][1]]
@@ -63,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infer-steps", type=int, default=10, help="timed forwards per inference variant")
     p.add_argument("--infer-warmup", type=int, default=2)
     p.add_argument("--no-infer", dest="infer", action="store_false", help="skip the inference jobs")
+    p.add_argument("--paired-cycles", type=int, default=40, help="cycles of the paired timing job per configuration "
+                   "(floor and each library in one process, one step each per cycle; 0: none)")
+    p.add_argument("--paired-warmup", type=int, default=2, help="untimed cycles before them")
+    p.add_argument("--paired-only", action="store_true", help="only the paired timing jobs (no protocol training "
+                   "jobs, no inference, no file size)")
     p.add_argument("--no-file", dest="file", action="store_false", help="skip the adapter file size")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
@@ -79,10 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model_size = args.model_size or ("1b" if cuda else "small")
     if args.quick:
         args.rounds, args.warmup, args.steps, args.infer_warmup, args.infer_steps = 1, 2, 3, 1, 3
+        args.paired_warmup, args.paired_cycles = 1, 3
     args.seq = args.seq or ([64] if args.quick else [256, 1024])
     if args.configs:
         args.suite = None
     args.configs = list(dict.fromkeys(["floor", *(args.configs or SUITES[args.suite])]))
+    if args.paired_only:
+        args.infer = args.file = False
     if not args.infer:
         args.infer_configs = []
     elif args.infer_configs is None:

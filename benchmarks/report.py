@@ -108,10 +108,29 @@ def infer_rows(rounds: list[list[dict]], configs: list[str], seq: int) -> list[d
     return rows
 
 
+def paired_rows(rounds: list[list[dict]], configs: list[str], seq: int) -> list[dict]:
+    """Per (config, library) at `seq`: the per-cycle ratios of the paired jobs (paired.py) pooled over
+    rounds; x floor and, for peftkit where peft runs, x peft as medians with quartiles."""
+    import paired
+
+    rows = []
+    jobs = [r for res in rounds for r in res if r["kind"] == "paired" and r["seq"] == seq]
+    for c in configs:
+        runs = [r for r in jobs if r["config"] == c]
+        for lib in CONFIGS[c][1] if runs else []:
+            x_floor = [x for r in runs for x in r["ratios"][lib]]
+            x_peft = [x for r in runs for x in r["ratios"].get("peftkit/peft", [])] if lib == "peftkit" else []
+            rows.append({"config": c, "label": CONFIGS[c][0] + " (paired)", "lib": lib, "cycles": len(x_floor),
+                         "x_floor": statistics.median(x_floor), "x_floor_quartiles": paired.quartiles(x_floor),
+                         "x_peft": statistics.median(x_peft) if x_peft else None,
+                         "x_peft_quartiles": paired.quartiles(x_peft) if x_peft else None})
+    return rows
+
+
 def targets(section: dict) -> list[str]:
     """The agreed targets that this section has values for, each with its value and met / MISSED."""
     out = []
-    rows = [r for r in section["train"] + section["infer"] if r["lib"] == "peftkit"]
+    rows = [r for r in section["train"] + section["infer"] + section.get("paired", []) if r["lib"] == "peftkit"]
     for source, configs, metric, limit in TARGETS:
         for row in rows:
             value = row.get(metric)
@@ -183,7 +202,8 @@ def write_report(args, rounds: list[list[dict]], env: dict, file_result: dict | 
     sections = []
     for seq in args.seq:
         section = {"seq": seq, "train": train_rows(rounds, args.configs, args.model_size, seq),
-                   "infer": infer_rows(rounds, args.infer_configs, seq)}
+                   "infer": infer_rows(rounds, args.infer_configs, seq),
+                   "paired": paired_rows(rounds, args.configs, seq)}
         section["targets"] = targets(section)
         sections.append(section)
     report = {"environment": env, "args": vars(args), "contention": contention(args, rounds), "sections": sections,

@@ -74,4 +74,6 @@ def describe(res: dict) -> str:
         what += f" hidden {res['model'].get('hidden_size')}"
     if res["kind"] == "train":
         return f"{what} {res['step_ms']:8.1f} ms/step, peak +{res['peak_delta_mb']:.0f} MB"
+    if res["kind"] == "paired":
+        return f"{what} paired x floor " + " ".join(f"{k} {v:.3f}" for k, v in res["ratio_median"].items())
     return f"{what} inference " + " ".join(f"{k} {v:.1f} ms" for k, v in res["forward_ms"].items())

@@ -52,6 +52,16 @@ def infer_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def paired_table(rows: list[dict]) -> list[str]:
+    lines = ["| config | library | cycles | x floor (median) | quartiles | x peft (median) | quartiles |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        q, qp = r["x_floor_quartiles"], r["x_peft_quartiles"]
+        lines.append(f"| {r['label']} | {r['lib']} | {r['cycles']} | {r['x_floor']:.3f} | {q[0]:.3f}-{q[1]:.3f} | "
+                     f"{fmt(r['x_peft'], '.3f')} | {'' if qp is None else f'{qp[0]:.3f}-{qp[1]:.3f}'} |")
+    return lines
+
+
 def summary_table(sections: list[dict]) -> list[str]:
     """One row per configuration: step x floor of each library at every sequence length, then peftkit's
     step and peak memory x peft's (the table the README quotes)."""
@@ -78,10 +88,17 @@ def markdown(report: dict) -> str:
     a = report["args"]
     lines = header(report, f"peftkit vs peft: training step, memory, inference ({a['device']}, model "
                            f"{a['model_size']})")
-    lines += ["", "## Summary (medians of per-round ratios; full fine-tuning is plain torch)", "",
-              *summary_table(report["sections"])]
+    if any(s["train"] for s in report["sections"]):  # a --paired-only run has no protocol jobs
+        lines += ["", "## Summary (medians of per-round ratios; full fine-tuning is plain torch)", "",
+                  *summary_table(report["sections"])]
     for s in report["sections"]:
-        lines += ["", f"## Sequence {s['seq']}: training step", "", *train_table(s["train"])]
+        if s["train"]:
+            lines += ["", f"## Sequence {s['seq']}: training step", "", *train_table(s["train"])]
+        if s.get("paired"):
+            lines += ["", f"## Sequence {s['seq']}: paired timing (the floor and each library's model in one "
+                          f"process, {a.get('paired_cycles')} cycles of one step each in a shuffled order per "
+                          "job; medians and quartiles of the per-cycle ratios, pooled over rounds)", "",
+                      *paired_table(s["paired"])]
         if s["infer"]:
             lines += ["", f"## Sequence {s['seq']}: inference (forward only, no grad, {a['infer_steps']} interleaved "
                           "forwards per variant, one process per configuration and library)", "",
@@ -108,11 +125,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sections = report["sections"]
-    configs = list(dict.fromkeys(r["config"] for s in sections for r in s["train"]))
+    configs = list(dict.fromkeys(r["config"] for s in sections for r in s["train"] + s.get("paired", [])))
     colors = {"torch": "0.55", "peft": "tab:orange", "peftkit": "tab:blue"}
     fig, axes = plt.subplots(len(sections), 1, figsize=(max(6, 1.1 * len(configs)), 3.6 * len(sections)),
                              squeeze=False)
-    top = max((r["x_floor"] for s in sections for r in s["train"] if r["x_floor"] is not None), default=1.0)
+    top = max([r["x_floor"] for s in sections for r in s["train"] if r["x_floor"] is not None]
+              + [r["x_floor_quartiles"][1] for s in sections for r in s.get("paired", [])], default=1.0)
     for ax, s in zip(axes[:, 0], sections, strict=True):
         for i, c in enumerate(configs):
             rows = [r for r in s["train"] if r["config"] == c and r["x_floor"] is not None]
@@ -120,12 +138,20 @@ def plot(report: dict, path: Path) -> None:
                 x = i + (j - (len(rows) - 1) / 2) * 0.38
                 ax.bar(x, r["x_floor"], 0.36, color=colors[r["lib"]])
                 ax.text(x, r["x_floor"], f"{r['x_floor']:.2f}", ha="center", va="bottom", fontsize=6)
+            paired = [r for r in s.get("paired", []) if r["config"] == c]
+            for j, r in enumerate(paired):  # the paired estimate: median, bar from quartile to quartile
+                x = i + (j - (len(paired) - 1) / 2) * 0.38
+                lo, hi = r["x_floor_quartiles"]
+                ax.errorbar(x, r["x_floor"], yerr=[[r["x_floor"] - lo], [hi - r["x_floor"]]], fmt="_", color="k",
+                            ms=9, capsize=2, lw=0.8)
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set_xticks(range(len(configs)), [textwrap.fill(CONFIGS[c][0], 16) for c in configs], fontsize=6)
         ax.set_ylabel(f"seq {s['seq']}: step / floor")
         ax.set_ylim(0, 1.18 * top)
     handles = [plt.Rectangle((0, 0), 1, 1, color=v) for v in colors.values()]
-    axes[0, 0].legend(handles, ["reference (no library)", "peft", "peftkit"], fontsize=7, loc="upper center", ncol=3)
+    handles.append(plt.Line2D([], [], color="k", marker="_", ls="", ms=9))
+    axes[0, 0].legend(handles, ["reference (no library)", "peft", "peftkit", "paired in one process (median, quartiles)"],
+                      fontsize=7, loc="upper center", ncol=4)
     env, a = report["environment"], report["args"]
     axes[0, 0].set_title(f"{a['device']} {a['model_size']}, batch {a['batch']}, median over {a['rounds']} round(s); "
                          f"torch {env['torch']}, peft {env['peft']}", fontsize=8)

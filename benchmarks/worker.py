@@ -3,7 +3,7 @@
     python benchmarks/worker.py '<json spec>'      # prints one line: BENCH_RESULT {...}
 
 Run by runner.py (one subprocess per job, so that the peak memory, VmHWM, belongs to this job alone);
-bench_step.py and scaling.py only write specs. A spec's keys: kind ("train", "infer", "file"), lib
+bench_step.py and scaling.py only write specs. A spec's keys: kind ("train", "paired", "infer", "file"), lib
 ("torch", "peft", "peftkit"), config (a protocol.CONFIGS name), device, dtype ("fp32" or "bf16"),
 model_size (protocol.MODEL_SIZES) and optionally model (LlamaConfig keywords overriding the size's),
 rank (overrides the configuration's rank), seed, batch, seq, threads, warmup, steps.
@@ -185,6 +185,10 @@ def run(spec: dict) -> dict:
     loadavg = os.getloadavg()[0]  # other processes on the machine: read next to noisy numbers
     if spec["kind"] == "train":
         out = train_job(spec)
+    elif spec["kind"] == "paired":
+        import paired
+
+        out = paired.paired_job(spec)
     else:
         import inference
 

@@ -67,3 +67,49 @@ def test_ratios_are_medians_of_per_round_ratios_and_the_files_are_written(tmp_pa
 def test_model_sizes_keep_the_baseline_model():
     small = MODEL_SIZES["small"]
     assert (small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]) == (384, 1024, 6)
+
+
+@pytest.mark.parametrize("config", ["lora16-all", "full"])
+def test_paired_job_times_the_floor_and_every_library_in_one_process(config):
+    out = worker.run({**_spec(config, "paired", kind="paired"), "warmup": 1, "steps": 3})
+    libs = CONFIGS[config][1]
+    assert set(out["step_ms"]) == {"floor", *libs}
+    assert all(len(t) == 3 for t in out["step_ms_all"].values())
+    for lib in libs:  # each cycle's ratio is that cycle's own step over its own floor step
+        expect = [t / f for t, f in zip(out["step_ms_all"][lib], out["step_ms_all"]["floor"], strict=True)]
+        assert out["ratios"][lib] == pytest.approx(expect)
+        lo, hi = out["ratio_quartiles"][lib]
+        assert lo <= out["ratio_median"][lib] <= hi
+    assert ("peftkit/peft" in out["ratios"]) == ("peft" in libs)
+
+
+def _paired(ratios: dict, seq: int = 64) -> dict:
+    return {"kind": "paired", "lib": "paired", "config": "lora16-all", "model_size": "small", "seq": seq,
+            "ratios": ratios, "attempts": 1, "round": 0}
+
+
+def test_paired_ratios_are_pooled_over_rounds_into_median_and_quartiles(tmp_path):
+    rounds = [[_paired({"peftkit": [1.0, 1.2], "peft": [1.3, 1.3], "peftkit/peft": [0.8, 0.9]})],
+              [_paired({"peftkit": [1.1, 1.05, 1.3], "peft": [1.2, 1.4, 1.25], "peftkit/peft": [0.85, 1.0, 0.7]})]]
+    args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "64", "--paired-only", "--out", str(tmp_path)])
+    path = report.write_report(args, rounds, report.environment(args), None)
+    (section,) = json.loads(path.with_suffix(".json").read_text())["sections"]
+    assert section["train"] == [] and section["infer"] == []
+    kit = next(r for r in section["paired"] if r["lib"] == "peftkit")
+    assert kit["cycles"] == 5 and kit["x_floor"] == pytest.approx(1.1)  # 1.0 1.05 1.1 1.2 1.3
+    assert kit["x_peft"] == pytest.approx(0.85) and kit["x_floor_quartiles"][0] < 1.1 < kit["x_floor_quartiles"][1]
+    peft = next(r for r in section["paired"] if r["lib"] == "peft")
+    assert peft["x_peft"] is None and peft["x_floor"] == pytest.approx(1.3)
+    assert any("(paired), step x floor <= 1.1: 1.100 (met)" in t for t in section["targets"])
+    assert any("(paired), step x peft <= 0.9: 0.850 (met)" in t for t in section["targets"])
+    assert "paired timing" in path.read_text() and path.with_suffix(".png").stat().st_size > 0
+
+
+def test_paired_jobs_are_in_the_suite_unless_switched_off():
+    args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "64"])
+    kinds = [s["kind"] for s in bench_step.job_specs(args)]
+    assert kinds.count("paired") == 1 and "train" in kinds  # floor has no paired job of its own
+    args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "64", "--paired-only"])
+    assert {s["kind"] for s in bench_step.job_specs(args)} == {"paired"} and not args.infer and not args.file
+    args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "64", "--paired-cycles", "0"])
+    assert "paired" not in [s["kind"] for s in bench_step.job_specs(args)]
