@@ -1,6 +1,6 @@
 """Training-step time, peak memory and inference cost of peftkit, side by side with Hugging Face peft.
 
-    python benchmarks/bench_step.py                  # the issue-5 suite at seq 256 and 1024, 3 rounds (CPU: hours)
+    python benchmarks/bench_step.py                  # the issue-5 suite at seq 256 and 1024, 3 rounds (CPU: ~4.7 h)
     python benchmarks/bench_step.py --quick          # smoke test: 1 round, 2 + 3 steps, seq 64
     python benchmarks/bench_step.py --suite issue4 --seq 256
     python benchmarks/bench_step.py --configs lora16-all dora8-all --seq 256 --rounds 5
@@ -33,6 +33,14 @@ from report import environment, rerender, write_report  # noqa: E402
 from runner import run_job, run_rounds  # noqa: E402
 
 
+def paired_cycles_at(cycles: int, seq: int) -> int:
+    """`cycles` up to sequence 256; longer steps get proportionally fewer, but at least min(cycles, 20).
+
+    A step at 1024 tokens costs ~4x one at 256, and the job's time is what limits the suite.
+    """
+    return cycles if seq <= 256 else max(min(cycles, 20), cycles * 256 // seq)
+
+
 def job_specs(args) -> list[dict]:
     """Training jobs per (config, library, seq), each model size's floor, and the inference jobs."""
     specs = []
@@ -47,7 +55,7 @@ def job_specs(args) -> list[dict]:
         jobs += [{**train, "lib": "torch", "config": "floor", "model_size": size} for size in sizes
                  if not any(j["config"] == "floor" and j["model_size"] == size for j in jobs)]
         paired = {**common, "kind": "paired", "lib": "paired", "warmup": args.paired_warmup,
-                  "steps": args.paired_cycles}
+                  "steps": paired_cycles_at(args.paired_cycles, seq)}
         jobs += [{**paired, "config": c, "model_size": model_size_for(c, args.model_size)}
                  for c in args.configs if c != "floor" and args.paired_cycles > 0]
         infer = {**common, "kind": "infer", "warmup": args.infer_warmup, "steps": args.infer_steps}
@@ -73,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infer-warmup", type=int, default=2)
     p.add_argument("--no-infer", dest="infer", action="store_false", help="skip the inference jobs")
     p.add_argument("--paired-cycles", type=int, default=40, help="cycles of the paired timing job per configuration "
-                   "(floor and each library in one process, one step each per cycle; 0: none)")
+                   "at seq <= 256, fewer at longer ones, at least 20 (floor and each library in one process, one "
+                   "step each per cycle; 0: none)")
     p.add_argument("--paired-warmup", type=int, default=2, help="untimed cycles before them")
     p.add_argument("--paired-only", action="store_true", help="only the paired timing jobs (no protocol training "
                    "jobs, no inference, no file size)")

@@ -113,3 +113,11 @@ def test_paired_jobs_are_in_the_suite_unless_switched_off():
     assert {s["kind"] for s in bench_step.job_specs(args)} == {"paired"} and not args.infer and not args.file
     args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "64", "--paired-cycles", "0"])
     assert "paired" not in [s["kind"] for s in bench_step.job_specs(args)]
+
+
+def test_paired_cycles_shrink_with_the_sequence_but_not_below_twenty_or_the_request():
+    args = bench_step.parse_args(["--configs", "lora16-all", "--seq", "256", "1024", "4096", "--paired-only"])
+    assert [s["steps"] for s in bench_step.job_specs(args)] == [40, 20, 20]
+    assert bench_step.paired_cycles_at(80, 1024) == 20
+    assert bench_step.paired_cycles_at(160, 1024) == 40 and bench_step.paired_cycles_at(5, 1024) == 5
+    assert bench_step.paired_cycles_at(3, 64) == 3
