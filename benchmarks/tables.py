@@ -96,8 +96,8 @@ def markdown(report: dict) -> str:
             lines += ["", f"## Sequence {s['seq']}: training step", "", *train_table(s["train"])]
         if s.get("paired"):
             lines += ["", f"## Sequence {s['seq']}: paired timing (the floor and each library's model in one "
-                          f"process, {a.get('paired_cycles')} cycles of one step each in a shuffled order per "
-                          "job; medians and quartiles of the per-cycle ratios, pooled over rounds)", "",
+                          "process, cycles of one step each in a shuffled order; medians and quartiles of the "
+                          "per-cycle ratios, pooled over rounds: `cycles` counts them)", "",
                       *paired_table(s["paired"])]
         if s["infer"]:
             lines += ["", f"## Sequence {s['seq']}: inference (forward only, no grad, {a['infer_steps']} interleaved "

@@ -236,6 +236,22 @@ def test_kron_gradients_match_autograd_through_kron():
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("trainable", [("x",), ("a",), ("b",), ("a", "b"), ("x", "b")])
+def test_kron_gradients_of_any_subset_match_the_dense_reference(trainable):
+    """Backward computes only what is asked (first layer: no dL/dx; frozen factors), and each part alone is right."""
+    torch.manual_seed(3)
+    t = {"a": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(2, 5, dtype=torch.float64),
+         "x": torch.randn(6, 15, dtype=torch.float64)}
+    for k in trainable:
+        t[k].requires_grad_(True)
+    g = torch.randn(6, 8, dtype=torch.float64)
+    ours = torch.autograd.grad(add_kron(torch.zeros(6, 8, dtype=torch.float64), t["x"], t["a"], t["b"], 0.3),
+                               [t[k] for k in trainable], g)
+    ref = torch.autograd.grad(0.3 * t["x"] @ torch.kron(t["a"], t["b"]).T, [t[k] for k in trainable], g)
+    for got, want in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_kron_mixed_dtypes_bf16_output_fp32_factors():
     torch.manual_seed(2)
     a, b = torch.randn(4, 2, requires_grad=True), torch.randn(2, 4, requires_grad=True)

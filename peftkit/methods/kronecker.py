@@ -155,21 +155,30 @@ def _peft_factor(cfg: DiffuseKronAConfig, layers: list[KroneckerLinear]) -> int:
 
 
 class KronAdd(torch.autograd.Function):
-    """y += s (A kron B) x, computed per token as s A X B^T and added into the base output y in place.
+    """y += s (A kron B) x, computed per token as s A X_t B^T and added into the base output y in place.
 
-    The factors' middle-axis products run as plain GEMMs over all tokens (a transposed copy of one
-    x-sized tensor each); backward recomputes Z = X B^T rather than saving it. Math in the factors'
-    dtype; y keeps its own (a bf16 base with fp32 factors is fine).
+    X_t is token t's input as an (a2, b2) matrix. The B-side products run as one plain GEMM over all
+    tokens ((tokens a2, b2) rows); the A-side ones, which contract the middle axis, as a batched GEMM
+    over tokens with A broadcast (stride 0), whose (tokens, a1, b1) result is y's own layout: no
+    transposed copy of an activation-sized tensor in either direction, and the forward's batched GEMM
+    accumulates straight into y. Backward, with P_t = G_t B: dX_t = s A^T P_t, dA = s sum_t P_t X_t^T,
+    dB = s sum_t (A^T G_t)^T X_t (one GEMM over (tokens a2) rows); s scales the small factor, never an
+    activation. Per layer at 1024 tokens, 2 threads, forward + backward: 2.6 -> 1.5 ms (384 x 384),
+    4.7 -> 3.1 ms (384 -> 1024), 4.3 -> 2.9 ms (1024 -> 384) against the transposed-copy version
+    (NOTES 10). Math in the factors' dtype; y keeps its own (a bf16 base with fp32 factors is fine).
     """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float):
         (a1, a2), (b1, b2) = a.shape, b.shape
-        xs = x.reshape(-1, a2, b2).to(a.dtype)  # (tokens, a2, b2)
-        tokens = xs.shape[0]
-        zt = _middle_first(xs.reshape(-1, b2) @ b.t(), tokens, a2, b1)  # Z = X B^T as (a2, tokens b1)
-        out = (a @ zt).view(a1, tokens, b1).transpose(0, 1)  # (tokens, a1, b1)
-        y.view(tokens, a1, b1).add_(out.to(y.dtype), alpha=scaling)
+        xs = x.reshape(-1, b2).to(a.dtype)  # (tokens a2, b2)
+        tokens = xs.shape[0] // a2
+        z = (xs @ b.t()).view(tokens, a2, b1)  # Z_t = X_t B^T
+        yv = y.view(tokens, a1, b1)
+        if y.dtype == a.dtype:
+            yv.baddbmm_(a.expand(tokens, a1, a2), z, alpha=scaling)
+        else:
+            yv.add_(torch.matmul(a, z).to(y.dtype), alpha=scaling)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, a, b)
         ctx.scaling = scaling
@@ -179,25 +188,23 @@ class KronAdd(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, a, b = ctx.saved_tensors
         (a1, a2), (b1, b2) = a.shape, b.shape
+        wants_x, wants_a, wants_b = ctx.needs_input_grad[1:4]
         g = grad.reshape(-1, a1, b1).to(a.dtype)  # (tokens, a1, b1)
         tokens = g.shape[0]
-        xs = x.reshape(-1, b2).to(a.dtype)  # (tokens a2, b2)
-        gt = _middle_first(g, tokens, a1, b1)  # (a1, tokens b1)
-        da = None
-        if ctx.needs_input_grad[2]:  # dA = sum_t G_t Z_t^T
-            zt = _middle_first(xs @ b.t(), tokens, a2, b1)  # (a2, tokens b1)
-            da = (gt @ zt.t()).mul_(ctx.scaling)  # (a1, a2)
-            del zt  # freed before the next x-sized temporaries: a lower peak in backward
-        h = (a.t() @ gt).view(a2, tokens, b1).transpose(0, 1).reshape(-1, b1)  # H = A^T G per token, (tokens a2, b1)
-        del gt
-        dx = (h @ b).mul_(ctx.scaling).view(x.shape).to(x.dtype) if ctx.needs_input_grad[1] else None
-        db = (h.t() @ xs).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None  # dB = sum_t H_t^T X_t
+        xs = x.reshape(tokens, a2, b2).to(a.dtype)
+        sat = (a * ctx.scaling).t().expand(tokens, a2, a1)  # s A^T for every token
+        dx = da = db = None
+        if wants_x or wants_a:
+            p = (g.reshape(-1, b1) @ b).view(tokens, a1, b2)  # P_t = G_t B
+            if wants_a:  # a (tokens, a1, a2) partial product, summed: small next to P
+                da = torch.bmm(p, xs.transpose(1, 2)).sum(0).mul_(ctx.scaling)
+            if wants_x:
+                dx = torch.bmm(sat, p).view(x.shape).to(x.dtype)
+            del p  # freed before the next activation-sized temporary: a lower peak in backward
+        if wants_b:
+            h = torch.bmm(sat, g)  # s A^T G_t, (tokens, a2, b1)
+            db = h.reshape(-1, b1).t() @ xs.reshape(-1, b2)
         return grad, dx, da, db, None
-
-
-def _middle_first(t: torch.Tensor, tokens: int, rows: int, cols: int) -> torch.Tensor:
-    """(tokens, rows, cols) data as (rows, tokens cols), so one GEMM applies a factor to every token."""
-    return t.reshape(tokens, rows, cols).transpose(0, 1).reshape(rows, tokens * cols)
 
 
 def add_kron(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
