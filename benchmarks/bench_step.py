@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retries", type=int, default=4, help="repeats of a CPU job that lost a core to another process")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round, 2 + 3 steps, seq 64")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="model weights (default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="model weights, bf16 under bf16 autocast (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--model-size", choices=list(MODEL_SIZES), help='default: "small" on CPU, "1b" on CUDA')
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--render", metavar="JSON", help="only rewrite the Markdown and plot of an earlier run's JSON")

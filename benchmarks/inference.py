@@ -95,7 +95,7 @@ def infer_job(spec: dict) -> dict:
     times: dict[str, list[float]] = {k: [] for k in variants}
 
     def forward(model, name: str) -> None:
-        with torch.no_grad(), autocast(spec["device"]):
+        with torch.no_grad(), autocast(spec):
             logits[name] = model(input_ids=ids, use_cache=False).logits[:, -ids.shape[1]:]
 
     order, cpu, wall = list(variants), [], []

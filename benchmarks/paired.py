@@ -31,10 +31,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
         self.work = PerStepWork(self.model, lib)
         self.ids = make_batch(run, self.model.config.vocab_size)
-        self.device = spec["device"]
+        self.spec = spec
 
     def step(self) -> None:
-        with autocast(self.device):
+        with autocast(self.spec):
             loss = self.work.loss(self.model(input_ids=self.ids, labels=self.ids).loss)
         loss.backward()
         self.work.after_backward(self.opt)

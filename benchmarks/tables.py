@@ -21,7 +21,7 @@ def header(report: dict, title: str) -> list[str]:
             f"(usable {env['usable_cpus']}){'; GPU ' + env['gpu'] if 'gpu' in env else ''}",
             f"- torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
             f"python {env['python']}, peftkit at {env['peftkit_commit']}",
-            f"- protocol: {a['device']}, {dtype} weights{', bf16 autocast' if a['device'] == 'cuda' else ''}, "
+            f"- protocol: {a['device']}, {dtype} weights{', bf16 autocast' if dtype == 'bf16' else ''}, "
             f"batch {a['batch']} x seq {', '.join(map(str, a['seq']))}, {a['threads']} threads, {a['warmup']} "
             f"warm-up + {a['steps']} timed steps, {a['rounds']} round(s) in shuffled order, one subprocess per "
             f"job; medians. Load average at start {env['loadavg_start'][0]:.2f}, at end "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -35,6 +36,20 @@ def test_every_configuration_trains_with_its_library(config, lib):
     out = worker.train_job(_spec(config, lib))
     assert len(out["step_ms_all"]) == 2 and out["page_faults_per_step"] >= 0
     assert (out["trainable"] > 0) == (config != "floor")
+
+
+@pytest.mark.parametrize("config,lib", [(c, lib) for c, (_, libs) in CONFIGS.items() for lib in libs])
+def test_every_configuration_trains_in_bf16_under_autocast(config, lib):
+    # the GPU protocol's path (bf16 weights, bf16 autocast, fp32 adapter tensors), here on CPU: a method
+    # mixing dtypes under autocast fails here before anyone pays for a GPU run (PEGO's penalty did)
+    assert isinstance(worker.autocast({"device": "cpu", "dtype": "bf16"}), torch.autocast)
+    out = worker.train_job(_spec(config, lib, dtype="bf16"))
+    assert len(out["step_ms_all"]) == 2 and (out["trainable"] > 0) == (config != "floor")
+
+
+def test_inference_job_runs_in_bf16_under_autocast():
+    out = worker.run({**_spec("lora16-all", "peftkit", kind="infer", dtype="bf16"), "steps": 2})
+    assert {"base", "unmerged", "merged"} <= set(out["forward_ms"])
 
 
 def _job(lib: str, config: str, step_ms: float, mem: float, seq: int = 64, trainable: int = 10) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 import peftkit
 from peftkit.core.apply import get_state
+from peftkit.core.schedule import schedule_for
 from peftkit.methods.adalora import AdaLoRAConfig
 from peftkit.methods.bone import BoneConfig
 from peftkit.methods.bottleneck import BottleneckConfig
@@ -341,6 +342,30 @@ def test_bf16_runs(row):
     out = output_of(model, inputs)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     out.float().pow(2).mean().backward()
+
+
+@rows
+def test_bf16_autocast_trains_an_fp32_model(row):
+    """The mixed-precision path a GPU user takes (fp32 weights, bf16 autocast), the method's per-step
+    loss term included: finite gradients for the fp32 adapter, an output near the fp32 one."""
+    if not row.bf16:
+        pytest.skip("bf16 not supported")
+    model, inputs, _, _ = setup_row(row)
+    perturb(model)
+    model.eval()  # no dropout: the two outputs must differ by rounding only
+    schedule = schedule_for(model, total_steps=100_000)
+    with torch.no_grad():
+        expected = output_of(model, inputs).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = output_of(model, inputs)
+        loss = out.float().pow(2).mean()
+        term = schedule.extra_loss(model) if schedule is not None else None
+    (loss if term is None else loss + term).backward()
+    torch.testing.assert_close(out.float(), expected, atol=0.05 * expected.abs().max().item(), rtol=0.05)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in grads)
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    assert any(g is not None and g.any() for g in grads.values()), "no adapter parameter got a gradient"
 
 
 @rows

@@ -281,6 +281,17 @@ def test_pego_penalty_and_gradient_match_a_dense_reference(alpha, chunk, monkeyp
     torch.testing.assert_close(layer.lora_B.grad, b.grad)
 
 
+def test_pego_penalty_under_bf16_autocast_is_the_full_precision_one():
+    # the penalty is over the fp32 factors: autocast must not turn part of it into bf16 (mixed-dtype
+    # chunk products raised before) nor round its sign pattern
+    model = _pego_model(n=4, alpha=None, dtype=torch.float32)  # autocast leaves float64 alone
+    expected = orthogonality_penalty(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = orthogonality_penalty(model)
+    assert penalty.dtype == expected.dtype
+    torch.testing.assert_close(penalty, expected)
+
+
 def test_pego_is_the_identity_with_zero_penalty_at_init():
     model = _linear(32, 24)
     x = torch.randn(3, 32)

@@ -119,13 +119,16 @@ class PEGOLinear(LoRALinear):
         """(X^T, Y^T), each (T, r, d_out): the layer's penalty is sum_t |X_t Y_t^T|_1 (module docstring)."""
         n, r, s = self.num_modules, self.module_rank, self.scaling
         a, b = self.lora_A, self.lora_B  # (n r, d_in), (d_out, n r)
-        w = weights.get_weight(self.base).to(a.dtype)  # (d_out, d_in), frozen
-        b_t = b.T.contiguous().view(n, r, -1)  # (n, r, d_out): B_i^T
-        a_w = (s * (a @ w.T)).view(n, r, -1)  # (n, r, d_out): s A_i W^T
-        first, second = torch.triu_indices(n, n, offset=1, device=a.device)  # the pairs i < j
-        gram = (s * s * (a @ a.T)).view(n, r, n, r).transpose(1, 2)  # (n, n, r, r): s^2 A_i A_j^T
-        x_t = torch.cat([a_w, torch.bmm(gram[second, first], b_t[first])])
-        y_t = torch.cat([b_t, b_t[second]])
+        # in the factors' dtype even under autocast: a bf16 A W^T next to fp32 B^T broke the chunked
+        # products (mixed dtypes), and the sign pattern of the products needs the full precision anyway
+        with torch.autocast(a.device.type, enabled=False):
+            w = weights.get_weight(self.base).to(a.dtype)  # (d_out, d_in), frozen
+            b_t = b.T.contiguous().view(n, r, -1)  # (n, r, d_out): B_i^T
+            a_w = (s * (a @ w.T)).view(n, r, -1)  # (n, r, d_out): s A_i W^T
+            first, second = torch.triu_indices(n, n, offset=1, device=a.device)  # the pairs i < j
+            gram = (s * s * (a @ a.T)).view(n, r, n, r).transpose(1, 2)  # (n, n, r, r): s^2 A_i A_j^T
+            x_t = torch.cat([a_w, torch.bmm(gram[second, first], b_t[first])])
+            y_t = torch.cat([b_t, b_t[second]])
         return x_t, y_t
 
 
