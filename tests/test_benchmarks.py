@@ -47,6 +47,19 @@ def test_every_configuration_trains_in_bf16_under_autocast(config, lib):
     assert len(out["step_ms_all"]) == 2 and (out["trainable"] > 0) == (config != "floor")
 
 
+def test_cuda_run_is_bf16_on_a_1b_model_in_its_own_files():
+    args = bench_step.parse_args(["--device", "cuda", "--no-file"])
+    specs = bench_step.job_specs(args)
+    assert {(s["device"], s["dtype"]) for s in specs} == {("cuda", "bf16")}
+    assert {s["model_size"] for s in specs} <= {"1b", "1b-bias"}
+    assert report.results_stem(args).startswith("results-cuda-1b")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory
+        model = LlamaForCausalLM(LlamaConfig(**worker.model_kwargs(specs[0])))
+    assert sum(p.numel() for p in model.parameters()) >= 1_000_000_000  # issue 5: at least 1B parameters
+
+
 def test_inference_job_runs_in_bf16_under_autocast():
     out = worker.run({**_spec("lora16-all", "peftkit", kind="infer", dtype="bf16"), "steps": 2})
     assert {"base", "unmerged", "merged"} <= set(out["forward_ms"])
