@@ -75,10 +75,15 @@ def test_stacking_round_trips_and_keeps_odd_shapes_apart():
 
 
 def _rewrite(saved, edit) -> None:
-    """Edit the saved tensors (unstacked) and write them back as a plain, unstacked safetensors file."""
+    """Edit the saved tensors (unstacked) and write them back as a plain, unstacked safetensors file,
+    recording its digest in the JSON (a consistent pair, so the checks after the digest's are tested)."""
+    from peftkit.core.files import sha256_file
+
     _, _, tensors = read_adapter(saved)
     edit(tensors)
     save_file(tensors, saved / WEIGHTS_FILE)
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    (saved / CONFIG_FILE).write_text(json.dumps({**meta, "weights_sha256": sha256_file(saved / WEIGHTS_FILE)}))
 
 
 def test_truncated_file(saved):

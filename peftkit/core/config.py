@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
+import math
+import numbers
 import textwrap
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -58,6 +65,7 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
+        check_field_types(self)
         if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
             raise ConfigError(f"layers must be non-negative integers, got {self.layers!r}")
         self.validate()
@@ -71,7 +79,14 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """Build from `to_dict` output; an unknown key raises and lists the valid ones."""
+        """Build from `to_dict` output; an unknown key raises and lists the valid ones.
+
+        Numeric strings become numbers (YAML reads `1e-3` as a string); every other value must have
+        its field's type (`check_field_types`), so a file with `"r": "eight"` names the field.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.__name__} must be a mapping of field names to values, "
+                              f"got {type(data).__name__} {data!r:.80}")
         data = {k: v for k, v in data.items() if k != "method"}
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(valid))
@@ -98,6 +113,100 @@ def coerce_numbers(cls: type, data: dict[str, Any]) -> dict[str, Any]:
             except ValueError as err:
                 raise ConfigError(f"{cls.__name__}.{key} must be a number, got {value!r}") from err
     return out
+
+
+def check_field_types(cfg: AdapterConfig) -> None:
+    """Check every field against its annotation (int, float, bool, str, list[...], dict[...], X | None).
+
+    Why here, for every config: values come from JSON, YAML and peft's adapter_config.json as well as
+    from Python, and a wrong type would otherwise surface as a TypeError deep inside a method. Integers
+    are accepted for float fields, and integral floats (8.0) for int fields; 1.5 for an int field, a
+    bool for a number and NaN or infinity anywhere are refused. Values are normalised in place (tuples
+    become lists, numbers plain int/float) so that `to_dict` stays JSON.
+    """
+    hints = _type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if f.name in hints:
+            setattr(cfg, f.name, _checked(getattr(cfg, f.name), hints[f.name], f"{type(cfg).__name__}.{f.name}"))
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that cannot be resolved is not checked
+        return {}
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """`value` converted to `hint`'s plain form, or a ConfigError naming `where` and the expected type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return _finite_everywhere(value, where)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _checked(value, option, where)
+            except ConfigError as err:
+                last = err
+        if len(args) - (type(None) in args) == 1:
+            raise last
+        raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r:.80}")
+    if origin is list or hint is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r:.80}")
+        return [_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r:.80}")
+        key, item = args or (Any, Any)
+        return {_checked(k, key, f"{where} key"): _checked(v, item, f"{where}[{k!r}]") for k, v in value.items()}
+    return _scalar(value, hint, where)
+
+
+def _scalar(value: Any, hint: Any, where: str) -> Any:
+    if hint is bool and not isinstance(value, bool | np.bool_):
+        raise ConfigError(f"{where} must be true or false, got {value!r:.80}")
+    if hint is bool:
+        return bool(value)
+    if hint in (int, float) and (isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real)):
+        raise ConfigError(f"{where} must be a number ({hint.__name__}), got {value!r:.80}")
+    if hint is float:
+        return _finite(float(value), where)
+    if hint is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if not math.isfinite(value) or value != int(value):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r:.80}")
+    return value
+
+
+def _finite(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return value
+
+
+def _finite_everywhere(value: Any, where: str) -> Any:
+    """Refuse NaN/infinity inside an untyped (Any) value, at any depth."""
+    if isinstance(value, float):
+        _finite(value, where)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _finite_everywhere(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _finite_everywhere(v, f"{where}[{k!r}]")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 def field_docs(cls: type) -> dict[str, str]:

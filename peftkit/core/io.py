@@ -2,41 +2,55 @@
 
 A peftkit adapter directory holds
 
-* `peftkit_adapter.json`: `{"peftkit_version", "config", "base_fingerprint"}`;
+* `peftkit_adapter.json`: `{"peftkit_version", "base_model", "config", "base_fingerprint",
+  "weights_sha256"}`;
 * `adapter.safetensors`: the adapter's tensors under the model's own module names
   (`model.layers.0.self_attn.q_proj.lora_A`).
+
+The two files are one unit: the JSON records the sha256 of the tensor file it was saved with, and
+`load` refuses a pair whose digests differ (a save killed between its two renames, or two saves into
+one directory at once, would otherwise pair one save's weights with another's config). A directory
+holds one adapter in one format: `save` removes the other format's files, and `load` refuses a
+directory holding both.
 
 `save(..., format="peft")` and loading a directory that Hugging Face peft wrote go through
 `peft_format.py`, where the key map lives.
 
 Loading is all-or-nothing: the file is read and checked completely (config, keys, shapes, base
-fingerprint) before the model is touched, and any failure afterwards undoes the `apply`.
+fingerprint, finite values) before the model is touched, and any failure afterwards undoes the
+`apply`. See `files.py` for the checks on the safetensors header and `fingerprint.py` for the base's.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .apply import apply, fingerprint, get_module, get_state, has_adapter, unload
+from . import weights
+from .apply import apply, get_module, get_state, has_adapter
 from .config import AdapterConfig, ConfigError
+from .files import (
+    AdapterFileError,
+    atomic_write,
+    check_finite,
+    read_safetensors,
+    sha256_file,
+    stack_blocks,
+    unstack_blocks,
+)
+from .fingerprint import check_entry, same_weight
 from .layer import AdapterLayer
 from .registry import config_from_dict
 
 CONFIG_FILE = "peftkit_adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory is missing, truncated, corrupt or does not fit the model."""
-
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""What `save(..., format="peft")` writes (peft_format.py); a directory holds one format or the other."""
 
 def _version() -> str:
     from .. import __version__
@@ -72,9 +86,21 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) 
              for k, v in expected.items() if tensors[k].shape != v.shape]
     if wrong:
         raise AdapterFileError("adapter tensor shapes do not fit this model: " + "; ".join(wrong[:5]))
+    kinds = [f"{k}: file {tensors[k].dtype} vs model {v.dtype}"
+             for k, v in expected.items() if _kind(tensors[k].dtype) != _kind(v.dtype)]
+    if kinds:  # load_state_dict would silently cast an integer or bool tensor into a float parameter
+        raise AdapterFileError("adapter tensor types do not fit this model: " + "; ".join(kinds[:5])
+                               + "; the file was not written by peftkit.save for this adapter")
     model.load_state_dict(tensors, strict=False)
     for name in get_state(model).adapted:
         get_module(model, name).after_load()
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """float, complex, bool or int: tensors of one kind may be cast into each other on load, not across."""
+    if dtype.is_floating_point or dtype.is_complex:
+        return "complex" if dtype.is_complex else "float"
+    return "bool" if dtype == torch.bool else "int"
 
 
 def base_model_name(model: nn.Module) -> str | None:
@@ -87,126 +113,153 @@ def _few(names: list[str]) -> str:
     return "none" if not names else ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def remove_files(directory: Path, names: tuple[str, ...]) -> None:
+    """Delete a directory's files of the other adapter format, config first (so no stale pair is left)."""
+    for name in names:
+        (directory / name).unlink(missing_ok=True)
 
 
 def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit") -> Path:
     """Write the adapter only (not the base model) to `directory`; returns the path.
+
+    Saving replaces the adapter in `directory`, in either format: the files of the other format are
+    deleted once the new ones are in place (otherwise `load` would find two adapters there). The
+    weights are written first and the config, which records their sha256, last, each by an atomic
+    rename; files get the permissions `open()` gives (0o666 minus the umask).
 
     Args:
         format: "peftkit" (default) or "peft" for the Hugging Face peft layout
             (`adapter_config.json` + `adapter_model.safetensors`), loadable by peft and vLLM.
     """
     directory = Path(directory)
+    if format not in ("peftkit", "peft"):
+        raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
     directory.mkdir(parents=True, exist_ok=True)
     if format == "peft":
         from .peft_format import save_peft
 
         save_peft(model, directory)
+        remove_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
         return directory
-    if format != "peftkit":
-        raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
     state = get_state(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"peftkit_version": _version(), "base_model": base_model_name(model), "config": state.config.to_dict(),
             "base_fingerprint": state.fingerprint}
     tensors, stacked = stack_blocks(tensors)
     metadata = {"format": "pt", "stacked": json.dumps(stacked, separators=(",", ":"))}
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, separators=(",", ":"))))
+    digest: list[str] = []
+    atomic_write(directory / WEIGHTS_FILE, lambda p: (save_file(tensors, p, metadata=metadata),
+                                                      digest.append(sha256_file(p))))
+    meta["weights_sha256"] = digest[0]
+    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, separators=(",", ":"))))
+    remove_files(directory, PEFT_FILES)
     return directory
 
 
-def _block_pattern(key: str) -> tuple[str, int] | None:
-    parts = key.split(".")
-    i = next((j for j, part in enumerate(parts) if part.isdigit()), None)
-    return None if i is None else (".".join(parts[:i] + ["*"] + parts[i + 1 :]), int(parts[i]))
-
-
-def stack_blocks(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """Stack tensors whose names differ only in the block index into one (n_blocks, ...) tensor.
-
-    "model.layers.0.self_attn.q_proj.lora_A" ... "model.layers.5...." become one tensor under
-    "model.layers.*.self_attn.q_proj.lora_A" when their shapes and dtypes agree. Why: the safetensors
-    header costs ~100 bytes per tensor, which for a LoRA on every linear layer of a deep model is more
-    than the adapter's whole config; stacking keeps the file at its tensors' size plus a few KiB.
-    Returns the new dict and {pattern: block indices in stacking order}.
-    """
-    groups: dict[str, list[tuple[int, str]]] = {}
-    for key in tensors:
-        found = _block_pattern(key)
-        if found is not None:
-            groups.setdefault(found[0], []).append((found[1], key))
-    out, index = {}, {}
-    for pattern, members in groups.items():
-        if len(members) > 1 and len({(tensors[k].shape, tensors[k].dtype) for _, k in members}) == 1:
-            members.sort()
-            out[pattern] = torch.stack([tensors[k] for _, k in members])
-            index[pattern] = [i for i, _ in members]
-    done = {pattern.replace("*", str(i), 1) for pattern, idx in index.items() for i in idx}
-    out.update({k: v for k, v in tensors.items() if k not in done})
-    return out, index
-
-
-def unstack_blocks(tensors: dict[str, torch.Tensor], index: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """Inverse of `stack_blocks`."""
-    out = {k: v for k, v in tensors.items() if k not in index}
-    for pattern, indices in index.items():
-        stacked = tensors.get(pattern)
-        if stacked is None or stacked.shape[0] != len(indices):
-            raise AdapterFileError(f"stacked tensor {pattern} does not match its index {indices}; save the adapter again")
-        out.update({pattern.replace("*", str(i), 1): t.clone() for i, t in zip(indices, stacked.unbind(0), strict=True)})
-    return out
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file fully, turning any corruption into an AdapterFileError."""
-    if not path.is_file():
-        raise AdapterFileError(f"{path} does not exist")
+    """Read a safetensors file fully after checking its header (files.read_safetensors)."""
+    return read_safetensors(path)[0]
+
+
+def adapter_format(directory: str | os.PathLike) -> str | None:
+    """"peftkit", "peft" or None (no adapter) for a directory; refuses one that holds both."""
+    directory = Path(directory)
+    ours, peft = (directory / CONFIG_FILE).is_file(), (directory / PEFT_FILES[0]).is_file()
+    if ours and peft:
+        raise AdapterFileError(
+            f"{directory} holds two adapters: a peftkit one ({CONFIG_FILE}) and a Hugging Face peft one "
+            f"({PEFT_FILES[0]}), so which one to load is unclear; delete the stale one's files or save again "
+            "(peftkit.save replaces the other format's files)")
+    return "peftkit" if ours else "peft" if peft else None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or an AdapterFileError naming the file."""
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterFileError(f"{path} is truncated or corrupt ({err}); save the adapter again") from err
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err}); save the adapter again") from err
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
-    """(config, metadata, tensors) of a peftkit adapter directory, fully validated as files."""
+    """(config, metadata, tensors) of a peftkit adapter directory, fully validated as files.
+
+    Checked: one adapter format in the directory, the JSON's fields and their types, the safetensors
+    header, the weights' sha256 against the one the JSON recorded, and that no tensor holds NaN/inf.
+    """
     directory = Path(directory)
     meta_path = directory / CONFIG_FILE
-    if not meta_path.is_file():
+    if adapter_format(directory) != "peftkit":
         raise AdapterFileError(f"{directory} holds no {CONFIG_FILE} (nor a Hugging Face adapter_config.json)")
+    meta = read_json(meta_path)
+    if "config" not in meta:
+        raise AdapterFileError(f"{meta_path} has no 'config' field; save the adapter again")
     try:
-        meta = json.loads(meta_path.read_text())
+        cfg = config_from_dict(meta["config"])
+    except ConfigError as err:
+        raise ConfigError(f"{meta_path}, field 'config': {err}") from err
+    _check_meta(meta_path, meta)
+    weights_path = directory / WEIGHTS_FILE
+    tensors, metadata, digest = read_safetensors(weights_path)
+    if meta.get("weights_sha256", digest) != digest:
+        raise AdapterFileError(
+            f"{weights_path} and {meta_path} are from different saves (sha256 of the weights "
+            f"{digest[:12]}..., the config expects {meta['weights_sha256'][:12]}...): a save was interrupted, "
+            "two saves wrote this directory at once, or the weights were edited; save the adapter again (weights "
+            "edited on purpose: delete the config's 'weights_sha256' field)")
+    check_finite(weights_path, tensors)
+    return cfg, meta, unstack_blocks(tensors, _stacked_index(weights_path, metadata))
+
+
+def _check_meta(path: Path, meta: dict) -> None:
+    """Types of the JSON's fields other than the config (the fingerprint is checked entry by entry)."""
+    prints = meta.get("base_fingerprint", {})
+    if not isinstance(prints, dict):
+        raise AdapterFileError(f"{path}, field 'base_fingerprint' must be an object, got {prints!r:.80}")
+    for name, entry in prints.items():
+        problem = check_entry(entry)
+        if problem:
+            raise AdapterFileError(f"{path}, field 'base_fingerprint' of {name!r}: {problem}; got {entry!r:.80}")
+    if not isinstance(meta.get("weights_sha256", ""), str):
+        raise AdapterFileError(f"{path}, field 'weights_sha256' must be a hex string")
+
+
+def _stacked_index(path: Path, metadata: dict[str, str]) -> dict[str, list[int]]:
+    try:
+        index = json.loads(metadata.get("stacked", "{}"))
     except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{meta_path} is not valid JSON ({err})") from err
-    cfg = config_from_dict(meta["config"])
-    tensors = read_tensors(directory / WEIGHTS_FILE)
-    with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:  # already validated by read_tensors
-        stacked = json.loads((f.metadata() or {}).get("stacked", "{}"))
-    return cfg, meta, unstack_blocks(tensors, stacked)
+        raise AdapterFileError(f"{path}: its 'stacked' metadata is not JSON ({err}); save the adapter again") from err
+    if not isinstance(index, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            for v in index.values()):
+        raise AdapterFileError(f"{path}: its 'stacked' metadata must map names to lists of block indices")
+    return index
 
 
-def check_fingerprint(saved: dict, current: dict, rtol: float = 1e-3) -> list[str]:
-    """Modules whose shape or weights differ between the saved and the current base."""
+def base_weight(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The canonical base weight of module `name` (under its AdapterLayer if adapted), None if it has none."""
+    try:
+        module = get_module(model, name)
+    except AttributeError:
+        return None
+    module = module.base if isinstance(module, AdapterLayer) else module
+    return weights.get_weight(module) if weights.layer_kind(module) is not None else None
+
+
+def check_fingerprint(saved: dict, model: nn.Module) -> list[str]:
+    """Modules whose shape or weights differ between the saved base and `model` (fingerprint.py)."""
     differ = []
     for name, (shape, checksum) in saved.items():
-        now = current.get(name)
-        if now is None:
+        weight = base_weight(model, name)
+        if weight is None:
             differ.append(f"{name} (missing)")
-        elif now[0] != shape:
-            differ.append(f"{name} (shape {shape} -> {now[0]})")
-        else:
-            scale = max(abs(checksum[1]), 1e-12)
-            if any(abs(a - b) > rtol * scale for a, b in zip(checksum, now[1], strict=True)):
-                differ.append(f"{name} (weights differ)")
+        elif list(weight.shape) != shape:
+            differ.append(f"{name} (shape {shape} -> {list(weight.shape)})")
+        elif not same_weight(checksum, weight):
+            differ.append(f"{name} (weights differ)")
     return differ
 
 
@@ -215,10 +268,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, allow_different_base
 
     Reads peftkit directories and ones Hugging Face peft wrote. The model is left exactly as it
     was when anything fails. `allow_different_base=True` accepts a base whose weights differ from
-    the one the adapter was trained on (shapes must still match).
+    the one the adapter was trained on (shapes must still match): see `fingerprint.py` for what
+    counts as the same base (a bf16 or fp16 copy of it does).
     """
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file() and (directory / "adapter_config.json").is_file():
+    if adapter_format(directory) == "peft":
         from .peft_format import read_peft
 
         cfg, tensors_for = read_peft(directory)
@@ -226,8 +280,7 @@ def load(model: nn.Module, directory: str | os.PathLike, *, allow_different_base
     if has_adapter(model):
         raise ConfigError("model already has a peftkit adapter; call peftkit.unload(model) first")
     cfg, meta, tensors = read_adapter(directory)
-    saved = meta.get("base_fingerprint", {})
-    differ = check_fingerprint(saved, fingerprint(model, list(saved)))
+    differ = check_fingerprint(meta.get("base_fingerprint", {}), model)
     if differ and not (allow_different_base and all("weights differ" in d for d in differ)):
         raise AdapterFileError(
             "this adapter was trained on a different base model; modules that differ: "
@@ -237,13 +290,9 @@ def load(model: nn.Module, directory: str | os.PathLike, *, allow_different_base
 
 
 def _apply_and_fill(model: nn.Module, cfg: AdapterConfig, tensors_for) -> nn.Module:
-    apply(model, cfg, init=False)
-    try:
-        load_adapter_state_dict(model, tensors_for(model))
-    except BaseException:
-        unload(model)
-        raise
-    return model
+    # filled inside apply's rollback: a failure (a bad tensor, after_load, KeyboardInterrupt) puts the model
+    # back bit for bit, where unload would only subtract a PiSSA residual again
+    return apply(model, cfg, init=False, fill=lambda m: load_adapter_state_dict(m, tensors_for(m)))
 
 
 def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:

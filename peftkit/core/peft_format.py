@@ -17,14 +17,19 @@ A config class takes part by defining the class variable `peft_type` and the two
 `to_peft_config(model) -> dict` and `from_peft_config(data, model=None) -> config`; the helpers
 below (`target_modules`, `common_fields`, `check_fields` ...) are what those methods share.
 
-Reading is all-or-nothing: `read_peft` validates the JSON, the config fields and the safetensors
-file before the model is touched; `tensors_for(model)`, called after `apply(..., init=False)`,
+Saving writes the weights first, with the sha256 of the config text in their metadata
+(`peftkit_config_sha256`, which peft ignores), then the config; `read_peft` refuses a pair whose
+digests differ (an interrupted save, two saves at once). Files peft itself wrote carry no digest.
+
+Reading is all-or-nothing: `read_peft` validates the JSON, the types of the fields every peft config
+shares, the config fields and the safetensors file (no NaN/inf) before the model is touched; `tensors_for(model)`, called after `apply(..., init=False)`,
 raises when keys or shapes do not fit, and `io.load` then undoes the `apply`.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -37,8 +42,9 @@ from safetensors.torch import save_file
 
 from .apply import get_state
 from .config import AdapterConfig, ConfigError
+from .files import check_finite, read_safetensors
 from .inject import get_module, matches
-from .io import AdapterFileError, _atomic_write, _few, adapter_state_dict, base_model_name, read_tensors
+from .io import AdapterFileError, _few, adapter_state_dict, atomic_write, base_model_name, read_json
 from .layer import AdapterLayer
 from .params import parameters_of_modules
 from .registry import config_for_peft
@@ -55,6 +61,18 @@ TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequen
 
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 """Modules peft adds to modules_to_save by itself for a task type (and then never adapts)."""
+
+DIGEST_KEY = "peftkit_config_sha256"
+"""Metadata key of the weights file: sha256 of the adapter_config.json saved with them."""
+
+FIELD_TYPES = {"peft_type": str, "task_type": (str, type(None)), "r": int, "lora_alpha": (int, float),
+               "lora_dropout": (int, float), "target_modules": (str, list, type(None)),
+               "exclude_modules": (str, list, type(None)), "modules_to_save": (list, type(None)),
+               "layers_to_transform": (int, list, type(None)), "rank_pattern": (dict, type(None)),
+               "alpha_pattern": (dict, type(None)), "use_rslora": bool, "use_dora": bool,
+               "init_lora_weights": (bool, str), "num_virtual_tokens": int, "feedforward_modules": (str, list, type(None)),
+               "init_weights": (bool, str)}
+"""JSON types of the fields peft configs share, checked before any config class reads them."""
 
 ANY_VALUE = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision",
              "inference_mode", "task_type")
@@ -73,8 +91,10 @@ def save_peft(model: nn.Module, directory: Path) -> None:
     saved = parameters_of_modules(model, data.get("modules_to_save") or [])
     tensors = {k: v.detach().contiguous().cpu() for k, v in peft_state_dict(model, data["peft_type"], saved).items()}
     directory = Path(directory)
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(data, indent=2, sort_keys=True)))
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    metadata = {"format": "pt", DIGEST_KEY: hashlib.sha256(text).hexdigest()}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_bytes(text))
 
 
 def peft_state_dict(model: nn.Module, peft_type: str, saved: list[str]) -> dict[str, torch.Tensor]:
@@ -207,20 +227,37 @@ def read_peft(directory: Path) -> tuple[AdapterConfig, Callable[[nn.Module], dic
     """
     directory = Path(directory)
     path = directory / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(data, dict) or "peft_type" not in data:
+    data = read_json(path)
+    if "peft_type" not in data:
         raise AdapterFileError(f"{path} is not a peft adapter config (no 'peft_type')")
-    cfg = config_for_peft(data).from_peft_config(data)
+    cfg = _peft_config(path, data)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise AdapterFileError(f"{directory} holds adapter_model.bin (pickle), which peftkit never loads; "
                                "re-save it with peft's save_pretrained(..., safe_serialization=True)")
-    tensors = read_tensors(weights)
+    tensors, metadata, _ = read_safetensors(weights)
+    expected = metadata.get(DIGEST_KEY)
+    if expected is not None and expected != hashlib.sha256(path.read_bytes()).hexdigest():
+        raise AdapterFileError(f"{weights} and {path} are from different saves (the weights record another config's "
+                               "sha256): a save was interrupted or two saves wrote this directory at once; save again")
+    check_finite(weights, tensors)
     prefix = saved_module_prefix(data["peft_type"])
     return cfg, lambda model: from_peft_keys(model, tensors, prefix)
+
+
+def _peft_config(path: Path, data: dict[str, Any]) -> AdapterConfig:
+    """The peftkit config of a peft adapter_config.json; a wrong field type or value names the file."""
+    wrong = [f"{k}={data[k]!r:.40}" for k, kind in FIELD_TYPES.items()
+             if k in data and (not isinstance(data[k], kind) or (kind is int and isinstance(data[k], bool)))]
+    if wrong:
+        raise ConfigError(f"{path}: field(s) of the wrong JSON type: {', '.join(wrong)}")
+    try:
+        return config_for_peft(data).from_peft_config(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    except (TypeError, KeyError, AttributeError, ValueError) as err:  # a field of a type the method did not expect
+        raise ConfigError(f"{path}: a field has a type or value peftkit cannot read ({type(err).__name__}: {err}); "
+                          "compare it with the adapter_config.json peft writes") from err
 
 
 def from_peft_keys(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

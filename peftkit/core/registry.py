@@ -84,8 +84,8 @@ def register_calibration(config_cls: type[AdapterConfig]) -> Callable:
 
 def get_method(name_or_config: str | AdapterConfig) -> Method:
     """The registered method for a name or a config instance."""
-    name = name_or_config if isinstance(name_or_config, str) else name_or_config.method
-    if name not in _METHODS:
+    name = name_or_config if isinstance(name_or_config, str) else getattr(name_or_config, "method", name_or_config)
+    if not isinstance(name, str) or name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
 
@@ -97,6 +97,9 @@ def registered_methods() -> dict[str, Method]:
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     """Rebuild any method's config from its `to_dict()` (the "method" key selects the class)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"an adapter config must be a mapping with a 'method' key, got {type(data).__name__} "
+                          f"{data!r:.80}")
     if "method" not in data:
         raise ConfigError(f"config has no 'method' key; registered methods: {', '.join(sorted(_METHODS))}")
     return get_method(data["method"]).config_cls.from_dict(data)
