@@ -7,7 +7,14 @@ A method writes
 * `delta_weight()` when its update is additive in weight space (`W' = W + delta`), or
   `merged_weight(W)` / `unmerged_weight(W')` when the fold is not additive (DoRA, (IA)^3);
 * `reset_parameters()`: the method's initialisation (not run when weights are loaded from a file);
-* optionally `after_load()` and `restore_base()` when its init changes the base weight (PiSSA).
+* optionally `after_load()` and `restore_base()` when its init changes the base weight (PiSSA), and then
+  `rewrites_base = True`, so `apply` keeps a copy to roll back to and unties a shared base first.
+
+Merging is all or nothing and `unmerge` is exact where that is cheap: `merge` copies the base's tensors
+before writing them (kept only while the merge runs unless `keep_base=True`), so a failed merge puts
+back the very bits it found; a base tensor shared with another module (tied weights) is swapped for a
+private copy before the write, and unmerging swaps the untouched shared tensor back (bit-exact, free).
+Otherwise `unmerge` subtracts the update again (see `unmerge` for how exact that is).
 
 The base layer keeps its own state-dict keys: the wrapper's `base.` prefix is stripped on save and
 restored on load, so `model.state_dict()` of an adapted model still reads like the original model's.
@@ -19,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import weights
+from .snapshot import TensorSnapshot
 
 
 class MergeError(RuntimeError):
@@ -38,6 +46,10 @@ class AdapterLayer(nn.Module):
     """True when `merged_bias` shifts the output even with a zero bias (LoFiT's W_o v): merging a base
     without a bias then gives it one (`weights.set_bias`), and unmerging removes it again."""
 
+    rewrites_base: bool = False
+    """True when `reset_parameters` or `after_load` write into the base's tensors (PiSSA's residual): `apply`
+    then copies the base first, to roll a failed apply back bit for bit, and unties a shared base weight."""
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
@@ -45,6 +57,10 @@ class AdapterLayer(nn.Module):
         self.enabled = True
         self.added_bias = False
         """Set while merged when merging created the base's bias (see `merge_adds_bias`)."""
+        self.tied: dict[str, nn.Parameter] = {}
+        """Base parameters shared with other modules that `untie` swapped for private copies, by local name."""
+        self._base_copy: TensorSnapshot | None = None
+        """The base as it was before `merge`, while merged with `keep_base` (or when `needs_base_copy`)."""
         self._register_state_dict_hook(_strip_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
 
@@ -120,11 +136,40 @@ class AdapterLayer(nn.Module):
         """The base layer's bias Parameter (or None)."""
         return getattr(self.base, "bias", None)
 
+    def needs_base_copy(self) -> bool:
+        """True when `unmerged_weight` could not recover the base from the merged one (DoRA with a zero
+        magnitude): `merge` then keeps a copy of the base to unmerge from."""
+        return False
+
     @torch.no_grad()
-    def merge(self, safe: bool = True) -> None:
-        """Fold the adapter into the base weights; `safe` refuses non-finite results."""
+    def merge(self, safe: bool = True, keep_base: bool = False, untie: tuple[str, ...] | list[str] = ()) -> None:
+        """Fold the adapter into the base weights; all or nothing.
+
+        Args:
+            safe: refuse non-finite results (checked before anything is written).
+            keep_base: keep a CPU copy of the base's tensors so `unmerge` restores them bit for bit
+                (memory: one copy of the base weight; otherwise unmerge subtracts the update again).
+            untie: base parameter names shared with other modules (`core.tying`): merged into a private
+                copy, so the other modules keep their weights.
+        """
         if self.merged:
             return
+        new_weight, new_bias, adds_bias = self._merged_tensors(safe)
+        copy = TensorSnapshot(self.base, skip_values=tuple(untie))
+        try:
+            self.untie(untie)
+            weights.set_weight(self.base, new_weight)
+            if new_bias is not None:
+                weights.set_bias(self.base, new_bias)
+        except BaseException:
+            copy.restore()
+            self.tied.clear()
+            raise
+        self.merged, self.added_bias = True, adds_bias
+        self._base_copy = copy if keep_base or self.needs_base_copy() else None
+
+    def _merged_tensors(self, safe: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(merged weight, merged bias or None, whether the bias is new), computed without writing anything."""
         weight = weights.get_weight(self.base)
         new_weight = self.merged_weight(weight.float())
         bias = weights.get_bias(self.base)
@@ -135,25 +180,62 @@ class AdapterLayer(nn.Module):
         if adds_bias:
             bias = torch.zeros(weight.shape[0], device=weight.device)
         new_bias = None if bias is None else self.merged_bias(bias.float())
-        if safe and not bool(torch.isfinite(new_weight).all()):
+        finite = bool(torch.isfinite(new_weight).all()) and (new_bias is None or bool(torch.isfinite(new_bias).all()))
+        if safe and not finite:
             raise MergeError(f"merging {type(self).__name__} gives non-finite weights; base left unchanged")
-        weights.set_weight(self.base, new_weight)
-        if new_bias is not None:
-            weights.set_bias(self.base, new_bias)
-        self.merged, self.added_bias = True, adds_bias
+        return new_weight, new_bias, adds_bias
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the adapter again (exact up to floating-point rounding)."""
+        """Take the adapter out of the base weights again.
+
+        Bit-exact when the base was copied at merge (`keep_base=True`, or `needs_base_copy`) and for tied
+        weights (the shared tensor was never written). Otherwise the update is subtracted again, exact up to
+        rounding: the merged weight was rounded to the base dtype, so W + delta - delta can differ from W by
+        about one unit in the last place of the base dtype (float32: ~1e-7 relative, in few elements;
+        bfloat16: 2^-8 relative, in a share of the elements), and repeated merge/unmerge cycles can add up.
+        """
         if not self.merged:
             return
-        weights.set_weight(self.base, self.unmerged_weight(weights.get_weight(self.base).float()))
+        if self._base_copy is not None:
+            self._base_copy.restore()
+            self._base_copy = None
+            self.tied.clear()
+        else:
+            self._subtract_update()
+        self.merged, self.added_bias = False, False
+
+    def _subtract_update(self) -> None:
+        if "weight" not in self.tied:
+            weights.set_weight(self.base, self.unmerged_weight(weights.get_weight(self.base).float()))
         bias = weights.get_bias(self.base)
         if self.added_bias:
             weights.remove_bias(self.base)
-        elif bias is not None:
+        elif bias is not None and "bias" not in self.tied:
             weights.set_bias(self.base, self.unmerged_bias(bias.float()))
-        self.merged, self.added_bias = False, False
+        self.retie()
+
+    def untie(self, names: tuple[str, ...] | list[str]) -> None:
+        """Swap the named base parameters (shared with other modules) for private copies, remembering the
+        shared ones in `tied`; nothing is written into the shared tensors afterwards."""
+        for name in names:
+            if name in self.tied:
+                continue
+            shared = self.base._parameters[name]
+            self.tied[name] = shared
+            self.base._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+
+    def retie(self) -> None:
+        """Put the shared parameters `untie` swapped out back (their values were never written)."""
+        for name, shared in self.tied.items():
+            self.base._parameters[name] = shared
+        self.tied.clear()
+
+    def forget_base(self) -> None:
+        """Drop the copy `merge(keep_base=True)` kept (unmerge then subtracts the update), unless
+        `needs_base_copy` says the update cannot be subtracted."""
+        if not (self.merged and self.needs_base_copy()):
+            self._base_copy = None
 
     def peft_key(self, module_name: str, local: str) -> str:
         """The key of one of this layer's tensors in a Hugging Face peft adapter file."""

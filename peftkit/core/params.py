@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .inject import matches
+from .config import ConfigError
+from .inject import HEAD_NAMES, matches
 from .layer import AdapterLayer
 
 
@@ -66,13 +67,36 @@ def freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def parameters_of_modules(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of all parameters inside modules matching any pattern (target syntax)."""
+def parameters_of_modules(model: nn.Module, patterns: list[str], strict: bool = False) -> list[str]:
+    """Names of all parameters inside modules matching any pattern (target syntax).
+
+    `strict`: raise a ConfigError, listing the model's modules, when a pattern matches no module that
+    holds parameters (`modules_to_save` in a config the user wrote: a typo would leave a fresh head frozen).
+    """
     names = []
+    hits = dict.fromkeys(patterns, False)
     for module_name, module in model.named_modules():
-        if module_name and any(matches(module_name, p) for p in patterns):
-            names += [f"{module_name}.{n}" for n, _ in module.named_parameters()]
+        matched = [p for p in patterns if module_name and matches(module_name, p)]
+        own = [f"{module_name}.{n}" for n, _ in module.named_parameters()] if matched else []
+        names += own
+        hits.update(dict.fromkeys(matched if own else [], True))
+    missing = [p for p, hit in hits.items() if not hit]
+    if strict and missing:
+        raise ConfigError(f"modules_to_save {missing} matched no module with parameters; modules in this model: "
+                          f"{', '.join(_module_names(model))}. Use one of these names (or 're:<regex>')")
     return sorted(set(names))
+
+
+def _module_names(model: nn.Module, limit: int = 40) -> list[str]:
+    """Unique last components of the names of modules holding parameters, heads first, for error messages."""
+    seen: dict[str, None] = {}
+    for name, module in model.named_modules():
+        last = name.split(".")[-1]
+        if name and not last.isdigit() and next(module.parameters(), None) is not None:
+            seen.setdefault(last, None)
+    heads = [n for n in seen if n in HEAD_NAMES]
+    names = heads + [n for n in seen if n not in HEAD_NAMES]
+    return names[:limit] + (["..."] if len(names) > limit else [])
 
 
 def summary_rows(model: nn.Module) -> list[tuple[str, str, int]]:

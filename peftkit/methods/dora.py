@@ -5,7 +5,8 @@
 with a trainable magnitude m in R^{d_out} initialised to ||W0||_row (so the model is unchanged at
 init), the LoRA factors A, B as in LoRA, and the norm taken over the input dimension of each output
 row (peft's `lora_magnitude_vector` convention). As in the paper (Sec. 4.3) and peft, the norm is
-detached: gradients do not flow through it.
+detached: gradients do not flow through it. A row whose norm is 0 (an all-zero base row while B_i = 0)
+is scaled by 1 instead of peft's m / 0 = NaN (`DoRALinear.row_scale`); other rows are peft's exactly.
 
 The row norm is computed without materialising W0 + s B A:
 
@@ -100,7 +101,7 @@ class DoRALinear(LoRALinear):
         else base(x) followed by `adapt`."""
         if args or kwargs or not self._folds(x):
             return self.adapt(x, self.base(x, *args, **kwargs))
-        scale = self.magnitude / self.row_norm()  # (d_out,)
+        scale = self.row_scale()  # (d_out,)
         if torch.is_grad_enabled() and bool((scale == 0).any()):  # d(scale) from the output: see ScaleRows
             return self._scaled_direction(x, self.base(x), scale)
         w0 = weights.get_weight(self.base)
@@ -117,7 +118,19 @@ class DoRALinear(LoRALinear):
                 and owns_plain_linear(self.base, x, self.lora_A, self.dropout))
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._scaled_direction(x, y, self.magnitude / self.row_norm())
+        return self._scaled_direction(x, y, self.row_scale())
+
+    def row_scale(self, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """m / ||W0 + s B A|| per output row, and 1 where that norm is 0; every kernel and the merge use it.
+
+        Why 1: such a row's direction W0_i + s B_i A is all zero, so its output is 0 whatever the scale,
+        while peft's m / 0 gives NaN (0 / 0 at init, on a base with an all-zero row) that the next layer
+        spreads to every output. With 1 the row stays 0 and finite, B_i still gets its gradient s A x g_i
+        (so it can grow out of zero) and m_i gets none. Rows with a non-zero norm are peft's m / n exactly.
+        """
+        norm = self.row_norm() if norm is None else norm
+        zero = norm == 0
+        return torch.where(zero, 1.0, self.magnitude / torch.where(zero, 1.0, norm))
 
     def _scaled_direction(self, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """scale * (y - b0 + s B A dropout(x)) + b0 for the base output y."""
@@ -132,11 +145,17 @@ class DoRALinear(LoRALinear):
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self.row_norm()
         self._merged_norm = norm
-        return (self.magnitude / norm)[:, None] * (weight + self.delta_weight().to(weight.dtype))
+        return self.row_scale(norm)[:, None] * (weight + self.delta_weight().to(weight.dtype))
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         norm = self._merged_norm if self._merged_norm is not None else weight.norm(dim=1)
-        return weight * (norm / self.magnitude)[:, None] - self.delta_weight().to(weight.dtype)
+        inverse = torch.where(norm == 0, 1.0, norm / self.magnitude)  # 1 / row_scale
+        return weight * inverse[:, None] - self.delta_weight().to(weight.dtype)
+
+    def needs_base_copy(self) -> bool:
+        """A row with m_i = 0 and a non-zero norm merges to zeros, from which W0_i cannot be divided back."""
+        with torch.no_grad():
+            return bool(((self.magnitude == 0) & (self.row_norm() != 0)).any())
 
 
 class _BaseRowNorm:

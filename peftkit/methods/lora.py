@@ -15,7 +15,13 @@ Initialisations are a table of functions (`INITS`), keyed by `LoRAConfig.init`:
 
 The two base-changing inits keep their initial factors as buffers (`lora_A0`, `lora_B0`), so a
 saved adapter re-derives the residual from the original base when loaded, `unload` without merging
-restores W0 exactly, and the Hugging Face export folds them into a plain rank-2r LoRA.
+adds s B0 A0 back, and the Hugging Face export folds them into a plain rank-2r LoRA. That restore is
+exact only up to rounding: the residual W0 - s B0 A0 was rounded to the base dtype, which loses bits
+where |s B0 A0| > |W0|, so about a fifth of the elements come back one unit in the last place off
+(float32: ~4e-9 on weights of size ~0.02; bfloat16: one bf16 ulp). Bit-exact cases: a failed `apply` or
+`load` (the base is copied before the init), and a tied base weight (the init works on a private copy,
+and unloading puts the untouched shared tensor back). For a bit-exact W0 otherwise, keep the base's
+state dict. The layers set `rewrites_base`, so `apply` takes that copy and unties first.
 
 Layers: `nn.Linear` and GPT-2 `Conv1D` (LoRALinear), `nn.Embedding` (LoRAEmbedding, peft's
 layout: A zero, B normal), `nn.Conv2d` (LoRAConv2d: A is an r-channel conv, B a 1x1 conv).
@@ -184,6 +190,7 @@ class LoRALayer(AdapterLayer):
         w = weights.get_weight(base)
         kw = {"device": w.device, "dtype": adapter_dtype(w)}
         self.r, self.scaling, self.init = r, scaling, init
+        self.rewrites_base = INITS[init].changes_base  # apply copies (and unties) the base before the init
         self.lora_A = nn.Parameter(torch.zeros(a_shape, **kw))
         self.lora_B = nn.Parameter(torch.zeros(b_shape, **kw))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
