@@ -37,12 +37,20 @@ def dora_count(model, cfg) -> int:
 
 
 def ia3_count(model, cfg) -> int:
-    from peftkit.core.inject import matches
+    """d_in per input-scaled module, d_out per output-scaled one; a fused q/k/v projection selected through
+    the key/value roles counts its key and value rows only."""
+    from peftkit.core import architectures as arch
 
     total = 0
     for name in find_targets(model, cfg):
         d_in, d_out = weights.in_out_features(model.get_submodule(name))
-        total += d_in if any(matches(name, p) for p in cfg.feedforward) else d_out
+        roles = [r for r in arch.PROJECTIONS if f"role:{r}" in cfg.targets and name in arch.modules_with_role(model, r)]
+        if any(arch.matches_target(model, name, p) for p in cfg.feedforward):
+            total += d_in
+        elif roles and name in arch.modules_with_role(model, "qkv"):
+            total += sum(len(arch.qkv_rows(model, name)[r]) for r in roles)
+        else:
+            total += d_out
     return total
 
 

@@ -192,7 +192,8 @@ def test_bottleneck_target_block_that_is_not_there():
     _fails_to_apply("llama", BottleneckConfig(kind="pfeiffer", targets=["mlp.down_proj", "mlp.c_proj"]),
                     r"target\(s\) \['mlp.c_proj'\] match no module of LlamaForCausalLM; .*down_proj")
     _fails_to_apply("llama", BottleneckConfig(kind="houlsby", layers=[1, 4]), r"layers \[4\] do not exist.*0..1")
-    _fails_to_apply("bert", BottleneckConfig(kind="parallel"), "no module matched targets \\['mlp'\\]")
+    _fails_to_apply("bert", BottleneckConfig(kind="parallel"),
+                    "no module matched targets \\['role:mlp'\\].* of adapter in BertForSequenceClassification")
 
 
 # --- LLaMA-Adapter ------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def test_bad_llama_adapter_configs():
         LlamaAdapterConfig(adapter_layers=0)
     _fails_to_apply("llama", LlamaAdapterConfig(adapter_layers=3), "adapter_layers=3 but the model has 2 layers")
     _fails_to_apply("gpt2", LlamaAdapterConfig(targets="attn"), "llama-adapter wraps Llama-style attention.*GPT2Attention")
-    _fails_to_apply("gpt2", LlamaAdapterConfig(), "no module matched targets 'self_attn'")
+    _fails_to_apply("gpt2", LlamaAdapterConfig(), "llama-adapter wraps Llama-style attention.*GPT2Attention.*c_attn")
 
 
 # --- interop with Hugging Face peft's adaption_prompt ----------------------------------------------

@@ -7,7 +7,9 @@ Target syntax (shared by `targets`, `exclude` and per-module patterns such as Lo
 * "re:<regex>" is matched against the whole module name;
 * "all-linear" is every linear layer (nn.Linear, GPT-2 Conv1D) except the output head;
 * "all-norms" is every normalisation layer (`weights.is_norm`: LayerNorm, RMSNorm ...) outside the head;
-* "input-embeddings" is the model's input embedding module (`get_input_embeddings()`).
+* "input-embeddings" is the model's input embedding module (`get_input_embeddings()`);
+* "role:<role>" is every module playing that role in this model's architecture ("role:attn-out": the
+  attention output projections), resolved by `architectures.modules_with_role`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 
 import torch.nn as nn
 
+from . import architectures
 from .config import AdapterConfig, ConfigError
 from .weights import is_linear, is_norm
 
@@ -62,8 +65,9 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_linear(m)]
 
 
-def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str], inputs: str | None) -> bool:
-    targets = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets or [])
+def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str], inputs: str | None,
+              roles: dict[str, set[str]]) -> bool:
+    targets = _as_list(cfg.targets)
     hit = False
     in_head = any(name == h or name.startswith(h + ".") for h in heads)
     for target in targets:
@@ -73,11 +77,13 @@ def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str],
             hit = is_norm(module) and not in_head
         elif target == "input-embeddings":
             hit = name == inputs
+        elif architectures.is_role(target):
+            hit = name in roles[target]
         else:
             hit = matches(name, target)
         if hit:
             break
-    if not hit or any(matches(name, pattern) for pattern in cfg.exclude):
+    if not hit or any(name in roles[p] if architectures.is_role(p) else matches(name, p) for p in cfg.exclude):
         return False
     return cfg.layers is None or layer_index(name) in cfg.layers
 
@@ -85,16 +91,25 @@ def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str],
 def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Names of the modules `cfg` selects; raises, listing candidates, when nothing matches."""
     heads = head_module_names(model)
-    wants_inputs = "input-embeddings" in ([cfg.targets] if isinstance(cfg.targets, str) else cfg.targets or [])
+    wants_inputs = "input-embeddings" in _as_list(cfg.targets)
     inputs = input_embedding_name(model) if wants_inputs else None
-    names = [n for n, m in model.named_modules() if n and _selected(n, m, cfg, heads, inputs)]
+    tokens = [t for t in _as_list(cfg.targets) + list(cfg.exclude) if architectures.is_role(t)]
+    roles = {t: set(architectures.modules_with_role(model, architectures.role_name(t))) for t in tokens}
+    names = [n for n, m in model.named_modules() if n and _selected(n, m, cfg, heads, inputs, roles)]
     if not names:
         linear = ", ".join(_shorten(linear_module_names(model)))
+        absent = [t for t in tokens if t in _as_list(cfg.targets) and not roles[t]]
+        why = f" (this architecture has no module with role {', '.join(absent)})" if absent else ""
         raise ConfigError(
-            f"no module matched targets {cfg.targets!r} (exclude={cfg.exclude}, layers={cfg.layers}); "
-            f"linear modules in this model: {linear or 'none'}"
+            f"no module matched targets {cfg.targets!r} (exclude={cfg.exclude}, layers={cfg.layers}) of {cfg.method} "
+            f"in {architectures.describe(model)}{why}; name the modules in `targets`; linear modules in this "
+            f"model: {linear or 'none'}"
         )
     return names
+
+
+def _as_list(targets: str | list[str] | None) -> list[str]:
+    return [targets] if isinstance(targets, str) else list(targets or [])
 
 
 def _shorten(names: list[str]) -> list[str]:

@@ -13,7 +13,8 @@ U, is not the identity). Not mergeable: f is nonlinear.
 Trainable per adapter: 2 d m + m + d (series on a d-wide output; parallel with d_in = d_out = d),
 in general m (d_in + d_out) + m + d_out.
 
-Placement (`kind`, each with per-architecture default targets; names a model lacks match nothing):
+Placement (`kind`, each with default targets written as roles, resolved per architecture by
+`core.architectures`: GPT-NeoX's `attention.dense`, OPT's `fc2`, T5's `DenseReluDense` ...):
 
 * "houlsby": series after the attention output projection and after the MLP down projection;
 * "pfeiffer": series after the MLP only;
@@ -24,7 +25,8 @@ LLaMA-7B; 64 suits the d = 384..4096 models peftkit targets and keeps the step c
 (Pfeiffer/AdapterHub's default; LLM-Adapters' default is tanh, also available); the adapters have
 biases (Houlsby's formulation and the 2dm + m + d count; LLM-Adapters' have none); s = 1 (He et al.
 use s = 4 for parallel FFN adapters: set `scaling`). BERT-style models split the feed-forward across
-`intermediate` and `output`, so "parallel" has no default there: give `targets` explicitly.
+`intermediate` and `output` (and OPT puts fc1/fc2 in the layer itself), so "parallel" has no default
+there: apply refuses, naming the architecture; give `targets` explicitly.
 """
 
 from __future__ import annotations
@@ -37,20 +39,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import weights
+from ..core import architectures, weights
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import layer_index, matches
+from ..core.inject import layer_index
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
 
-_BERT_FFN_OUT = r"re:.*\.layer\.\d+\.output\.dense"  # BERT/ViT FFN output, not attention.output.dense
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    # Llama, BERT/HF-ViT, GPT-2, timm-ViT
-    "houlsby": ["self_attn.o_proj", "mlp.down_proj", "attention.output.dense", _BERT_FFN_OUT,
-                "attn.c_proj", "mlp.c_proj", "attn.proj", "mlp.fc2"],
-    "pfeiffer": ["mlp.down_proj", _BERT_FFN_OUT, "mlp.c_proj", "mlp.fc2"],
-    "parallel": ["mlp"],
+    "houlsby": ["role:attn-out", "role:mlp-down"],
+    "pfeiffer": ["role:mlp-down"],
+    "parallel": ["role:mlp"],
 }
 """kind -> default targets; "houlsby" and "pfeiffer" are series adapters, "parallel" is not."""
 
@@ -69,7 +68,7 @@ class BottleneckConfig(AdapterConfig):
     (alongside the MLP)."""
 
     targets: str | list[str] | None = None
-    """Modules to adapt; None takes the kind's defaults for Llama, BERT, GPT-2 and ViT models.
+    """Modules to adapt; None takes the kind's defaults (roles: attention output, MLP down projection, MLP).
     Targets given explicitly must each match a module of the model."""
 
     bottleneck: int = 64
@@ -216,7 +215,7 @@ class BottleneckAdapter(AdapterLayer):
 def check_targets_exist(root: nn.Module, cfg: BottleneckConfig) -> None:
     """Every explicitly given target pattern and every `layers` index must name something in the model.
 
-    Why: the default targets list several architectures' names (most match nothing in a given model),
+    Why: a default role may be absent from a model (the MLP down projection of an attention-only stack),
     but a name the user wrote that matches nothing is a typo or the wrong model, and should not pass.
     """
     patterns = [cfg.targets] if isinstance(cfg.targets, str) else list(cfg.targets)
@@ -224,7 +223,7 @@ def check_targets_exist(root: nn.Module, cfg: BottleneckConfig) -> None:
     if not explicit and not cfg.layers:
         return
     names = [n for n, _ in root.named_modules() if n]
-    missing = [p for p in patterns if explicit and not any(matches(n, p) for n in names)]
+    missing = [p for p in patterns if explicit and not any(architectures.matches_target(root, n, p) for n in names)]
     if missing:
         inside = {n.split(".")[-1] for n in names if layer_index(n) == 0}
         blocks = sorted(b for b in inside if b != "base" and not b.isdigit())  # "base": adapter wrappers

@@ -15,7 +15,9 @@ Positions: the reference pads (and truncates) every input to s = max_length and 
 the real token at position p (0-based, after the prompt) gets row p of A B, positions from s on get
 none; on inputs padded to s (on the right, as the reference does) that is the reference exactly,
 and shorter inputs and `generate` (one new token per step, position = cache length - m) work too.
-Inputs longer than s are not an error: their tokens past s are unchanged.
+Inputs longer than s are not an error: their tokens past s are unchanged. On a model with absolute
+position embeddings (GPT-2, BERT, OPT ...), `apply` refuses m + s beyond its positions, and a forward whose
+prompt + tokens overrun them raises a ConfigError naming the lengths (soft_prompt.check_length).
 
 Two learning rates (the paper trains P and A, B with different ones): `prompt_lr` and
 `embedding_lr` (None: the training lr). The layer states them through `learning_rates`, which
@@ -138,6 +140,11 @@ class DePTEmbedding(SoftPromptLayer):
             return embeds
         update = self.scaling * (self.lora_embedding_A[start:stop] @ self.lora_embedding_B)  # (stop - start, d)
         return embeds + F.pad(update, (0, 0, 0, seq - (stop - start))).to(embeds.dtype)
+
+    def positions_needed(self) -> tuple[int, str]:
+        """The prompt plus an input padded to max_length, as the reference pads it."""
+        m, s = self.num_virtual_tokens, self.lora_embedding_A.shape[0]
+        return m + s, f"{m} virtual tokens + max_length {s} (inputs padded to max_length, as the reference does)"
 
     def learning_rates(self, base_lr: float) -> dict[str, float]:
         cfg = self.cfg

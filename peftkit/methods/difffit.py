@@ -36,13 +36,8 @@ from ..core.registry import register, register_selection
 from .selective import bias_parameter_names, norm_parameter_names
 from .ssf import SSFLayer, module_kind
 
-DEFAULT_TARGETS = [
-    "o_proj", "down_proj",  # Llama-style
-    "output.dense",  # BERT-style: attention.output.dense and the block's output.dense
-    "attn.c_proj", "mlp.c_proj",  # GPT-2
-    "attn.proj", "mlp.fc2",  # ViT / DiT (timm)
-]
-"""The last linear layer of each residual branch in common architectures; names a model lacks match nothing."""
+DEFAULT_TARGETS = ["role:attn-out", "role:mlp-down"]
+"""The last linear layer of each residual branch, as roles resolved per architecture (core/architectures.py)."""
 
 
 @dataclass
@@ -54,7 +49,8 @@ class DiffFitConfig(AdapterConfig):
     trainable: ClassVar[str] = "biases + norm parameters + 1 (or d_out) per scaled residual branch"
 
     targets: str | list[str] | None = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    """The last linear layer of each residual branch (gets γ); defaults cover Llama, BERT, GPT-2, ViT/DiT."""
+    """The last linear layer of each residual branch (gets γ): the attention output and MLP down projection
+    roles by default, on every architecture `core.architectures` knows (names in unknown models)."""
 
     layers: list[int] | None = None
     """Blocks whose residual branches get γ (default: all; the paper reportedly uses a subset,

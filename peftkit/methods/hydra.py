@@ -23,7 +23,9 @@ Choices (the spec leaves them open):
   bias-free base the constant s (B a + c) would have nowhere to go when merging, so it is left out.
 * Defaults r = 8, s = 1, dropout 0 are the reference layer's own defaults (`Hydra_layer`); its VTAB-1k
   runs use r = 2, s = 0.1, dropout 0.2 (tuned for 1k examples), the NLU scripts r = 4 and r_s = 8.
-  Default targets are the paper's: each block's attention output and MLP down projection.
+  Default targets are the paper's: each block's attention output and MLP down projection, as roles
+  resolved per architecture (`core.architectures`: Llama `o_proj`, GPT-NeoX `attention.dense`, BERT
+  `attention.output.dense`, timm ViT `attn.proj` ...).
 
 Forward: the sequential branch reads h = W0 x + b0, so A_s h + a_s = (A_s W0) x + (a_s + A_s b0) and
 both branches are one low-rank update of x with stacked factors A = [A_p; A_s W0] (r + r_s, d_in),
@@ -52,7 +54,7 @@ from .lora import adapter_dtype
 from .lowrank import add_low_rank, apply_in_place
 
 # The paper adapts the attention output and MLP down projections (timm ViT: attn.proj, mlp.fc2).
-DEFAULT_TARGETS = ["o_proj", "down_proj", "output.dense", "c_proj", "out_proj", "proj", "fc2"]
+DEFAULT_TARGETS = ["role:attn-out", "role:mlp-down"]
 
 
 @dataclass

@@ -22,7 +22,10 @@ is that W_o's bias (if any) is added once; peft adds it twice (the same for bias
 Choices where methods.md says UNVERIFIED: one scalar gate per layer (peft; the paper's official
 code for v1 also uses one per layer, v2 one per head with tanh). Supported: Llama-style attention
 (q/k/v/o projections, rotary embeddings passed as `position_embeddings`, no q/k norm): Llama,
-SmolLM2, Mistral, Qwen2. Defaults: K = 10 (the paper's), L = every layer (the paper: 30 of 32).
+SmolLM2, Mistral, Qwen2, Gemma 2 (its query scale `scaling` is used); the default target is the
+"attention" role (`core.architectures`), and attention of any other shape is refused naming the module
+and its class: fused q/k/v (Phi-3, GPT-NeoX, Falcon, BLOOM, GPT-2), q/k norms (Qwen3, Gemma 3), OPT's
+and BERT's. Defaults: K = 10 (the paper's), L = every layer (the paper: 30 of 32).
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ class LlamaAdapterConfig(AdapterConfig):
     paper: ClassVar[str] = "Zhang et al. 2023, arXiv:2303.16199"
     trainable: ClassVar[str] = "L K d + L (K prompt tokens of width d and one gate in each of the top L layers)"
 
-    targets: str | list[str] | None = "self_attn"
-    """The attention modules (Llama-style: q_proj, k_proj, v_proj, o_proj and rotary embeddings)."""
+    targets: str | list[str] | None = "role:attention"
+    """The attention modules (Llama-style: q_proj, k_proj, v_proj, o_proj and rotary embeddings); by default
+    the "attention" role of the model's architecture."""
 
     adapter_len: int = 10
     """Number K of adaption prompt tokens per layer."""
@@ -109,6 +113,7 @@ class AdaptedAttention(AdapterLayer):
         w = weights.get_weight(base.q_proj)
         kw = {"device": w.device, "dtype": adapter_dtype(w)}
         self.head_dim = int(base.head_dim)
+        self.scaling = float(getattr(base, "scaling", self.head_dim**-0.5))  # Gemma 2: query_pre_attn_scalar
         self.adaption_prompt = nn.Parameter(torch.zeros(1, adapter_len, w.shape[1], **kw))  # (1, K, d): peft's shape
         self.adaption_gate = nn.Parameter(torch.zeros(1, **kw))
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # set only during adapted_forward
@@ -168,7 +173,7 @@ class AdaptedAttention(AdapterLayer):
         groups = q.shape[2] // k.shape[1]  # query heads per key head
         k = k.repeat_interleave(groups, dim=1).permute(1, 2, 0)  # (H, hd, K)
         v = v.repeat_interleave(groups, dim=1).transpose(0, 1)  # (H, K, hd)
-        scores = (q.transpose(1, 2) @ k) * self.head_dim**-0.5  # (b, H, s, K)
+        scores = (q.transpose(1, 2) @ k) * self.scaling  # (b, H, s, K)
         exact = torch.promote_types(scores.dtype, torch.float32)  # softmax in fp32 for half models, as peft
         probs = (self.adaption_gate * torch.softmax(scores, dim=-1, dtype=exact)).to(query.dtype)
         return (probs @ v).transpose(1, 2).reshape(b, s, -1)  # (b, s, H hd)
@@ -181,8 +186,10 @@ class AdaptedAttention(AdapterLayer):
 def build(module: nn.Module, cfg: LlamaAdapterConfig, name: str) -> AdaptedAttention | None:
     """Wrap the attention of the top `adapter_layers` layers (None for the layers below them)."""
     missing = [p for p in (*ATTENTION_PARTS, "head_dim", "layer_idx", "config") if not hasattr(module, p)]
+    fused = next((n for n in ("qkv_proj", "query_key_value", "c_attn", "qkv", "in_proj") if hasattr(module, n)), None)
     if missing or hasattr(module, "q_norm"):
         why = f"lacks {', '.join(missing)}" if missing else "normalises its queries (q_norm)"
+        why += f" (it fuses q, k, v into one `{fused}`)" if fused else ""
         raise ConfigError(f"llama-adapter wraps Llama-style attention (q_proj, k_proj, v_proj, o_proj, rotary "
                           f"embeddings: Llama, SmolLM2, Mistral, Qwen2); {name} ({type(module).__name__}) {why}")
     n_layers = module.config.num_hidden_layers

@@ -1,8 +1,8 @@
 """LoFiT: localized fine-tuning of attention-head outputs (Yin, Ye, Durrett, 2024, arXiv:2406.01563).
 
 On the input z of each attention output projection (the concatenated head outputs z = [z_1 .. z_H],
-heads major: Llama `o_proj`, GPT-2 `attn.c_proj`, BERT `attention.output.dense`, timm-style ViT
-`attn.proj`):
+heads major: Llama `o_proj`, GPT-2 `attn.c_proj`, GPT-NeoX `attention.dense`, BERT
+`attention.output.dense`, timm-style ViT `attn.proj`: the "attn-out" role of `core.architectures`):
 
     z_h <- (1 + A_h) ⊙ z_h + v_h,      A_h, v_h in R^{d_head}.
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..core import weights
+from ..core.architectures import describe
 from ..core.apply import adapter_layers_of, apply, get_state, unload
 from ..core.calibration import batch_loss
 from ..core.config import AdapterConfig, ConfigError
@@ -47,8 +48,8 @@ from ..core.registry import register, register_calibration
 from ..core.schedule import MethodSchedule, register_schedule
 from .lora import adapter_dtype
 
-ATTENTION_OUTPUTS = ["o_proj", "attn.c_proj", "attention.output.dense", "attn.proj"]
-"""Attention output projections of Llama-style, GPT-2, BERT and timm-style ViT models."""
+ATTENTION_OUTPUTS = ["role:attn-out"]
+"""The attention output projections, resolved per architecture (core/architectures.py)."""
 
 HEAD_COUNT_KEYS = ("num_attention_heads", "n_head", "heads", "num_heads")
 """Model-config attributes that hold the number of attention heads."""
@@ -219,7 +220,8 @@ def _check_heads(root: nn.Module, num_heads: int) -> None:
     blocks = [layer_index(n) for n in state.adapted]
     if len(set(blocks)) != len(blocks):
         raise ConfigError(f"LoFiT adapts one attention output per block, but targets {state.config.targets} "
-                          f"matched several in one block: {state.adapted}")
+                          f"matched several in one block of {describe(root)}: {state.adapted} (an encoder-decoder "
+                          "numbers both stacks' blocks from 0); name one stack's modules in `targets`")
     for block, head in state.config.heads or []:
         if head >= num_heads:
             raise ConfigError(f"heads names head {head} of layer {block}, but the model has {num_heads} heads "

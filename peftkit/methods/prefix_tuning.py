@@ -50,6 +50,8 @@ from .soft_prompt import (
     cache_in,
     cache_length,
     call_keywords,
+    check_length,
+    check_room,
     forward_arg_names,
     init_rows,
     pad_columns,
@@ -152,6 +154,8 @@ class PrefixLayer(AdapterLayer):
         self._arg_names: list[str] = []
         self._cache_key = "cache"
         self._checkpointed: list[nn.Module] = []  # modules with a gradient_checkpointing flag
+        self._limit: tuple[int, bool] | None = None  # (positions, absolute): soft_prompt.check_room
+        self._model = ""
 
     def peft_key(self, module_name: str, local: str) -> str:
         return "prompt_embeddings"  # peft stores prompt learning weights without a module path
@@ -221,6 +225,8 @@ class PrefixLayer(AdapterLayer):
     def on_attach(self, root: nn.Module) -> None:
         backbone = cache_taking_module(root)
         check_fits(root, self.cfg)
+        self._limit, self._model = check_room(root, self.cfg.method, self.num_virtual_tokens,
+                                              self.num_virtual_tokens + 1)
         self.kv_shape = kv_shape(root)
         self._backbone = (backbone,)
         self._arg_names = forward_arg_names(backbone)
@@ -258,6 +264,9 @@ class PrefixLayer(AdapterLayer):
             cache = DynamicCache()
             self._own_cache = cache if kwargs.get("use_cache") is False else None
         past = cache_length(cache)
+        taken = self.num_virtual_tokens if self.cfg.shift_positions else 0  # positions the prefix takes
+        before = past - self.num_virtual_tokens + taken if past else 0  # positions before these tokens, once filled
+        check_length(self._limit, self._model, self.cfg.method, taken, before, seq, prompt_in_past=past > 0)
         if past == 0:
             self._fill(cache, batch)
             past = self.num_virtual_tokens
@@ -317,7 +326,8 @@ def kv_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def check_fits(model: nn.Module, cfg: PrefixTuningConfig) -> None:
-    """Refuse a prefix that leaves no room for real tokens, or a model that checkpoints gradients."""
+    """Refuse a prefix that leaves no room for real tokens, or a model that checkpoints gradients (a prefix
+    that leaves too little room in absolute positions: `check_room`)."""
     config = _text_config(model)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and cfg.num_virtual_tokens >= limit:

@@ -11,8 +11,15 @@ working unchanged:
 files name them under the embedding) and installs that hook; a method says how its prompt is made
 (`soft_prompt()`) and, for DePT, how the real tokens' embeddings change (`adjust_embeddings`).
 
-The helpers at the bottom (`call_keywords`, `cache_in`, `cache_length`, `pad_columns`, `init_rows`)
-are shared with prefix tuning, whose hook extends the KV cache instead of the input.
+The helpers at the bottom (`call_keywords`, `cache_in`, `cache_length`, `pad_columns`, `init_rows`,
+`check_room`, `check_length`) are shared with prefix tuning, whose hook extends the KV cache instead of
+the input.
+
+Positions: the prompt takes positions, so prompt + tokens can overrun a model with learned absolute
+position embeddings (GPT-2's n_positions, BERT/RoBERTa/OPT's max_position_embeddings), which failed
+with an IndexError deep in the embedding. `apply` refuses a prompt that leaves no room (`check_room`),
+and a forward that would overrun raises a ConfigError naming both lengths (`check_length`). Rotary and
+ALiBi models have no such table: only a prompt as long as the declared max_position_embeddings is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import inspect
 import torch
 import torch.nn as nn
 
+from ..core.architectures import describe, position_limit
+from ..core.config import ConfigError
 from ..core.layer import AdapterLayer
 
 CACHE_KEYS = ("cache", "past_key_values")
@@ -38,6 +47,8 @@ class SoftPromptLayer(AdapterLayer):
         self.num_virtual_tokens = num_virtual_tokens
         self._hook = None
         self._arg_names: list[str] = []
+        self._limit: tuple[int, bool] | None = None  # (positions, absolute) of the model
+        self._model = ""  # how errors name the model
 
     # --- what a soft-prompt method provides ---------------------------------------------------
     def soft_prompt(self) -> torch.Tensor:
@@ -47,6 +58,10 @@ class SoftPromptLayer(AdapterLayer):
     def adjust_embeddings(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """The real tokens' embeddings (batch, seq, d), the first at position `start`; unchanged by default."""
         return embeds
+
+    def positions_needed(self) -> tuple[int, str]:
+        """Positions the configured prompt needs at least, and why (DePT adds its max_length)."""
+        return self.num_virtual_tokens + 1, ""
 
     # --- written once ---------------------------------------------------------------------------
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -58,6 +73,8 @@ class SoftPromptLayer(AdapterLayer):
         return torch.cat([prompt, embeds], dim=1)
 
     def on_attach(self, root: nn.Module) -> None:
+        method = getattr(getattr(self, "cfg", None), "method", type(self).__name__)
+        self._limit, self._model = check_room(root, method, self.num_virtual_tokens, *self.positions_needed())
         self._arg_names = forward_arg_names(root)
         self._hook = root.register_forward_pre_hook(self._rewrite_inputs, with_kwargs=True)
 
@@ -78,6 +95,8 @@ class SoftPromptLayer(AdapterLayer):
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             embeds = self.base(ids)
+        method = getattr(getattr(self, "cfg", None), "method", type(self).__name__)
+        check_length(self._limit, self._model, method, n, past_length, embeds.shape[1], prompt_in_past=not first_step)
         embeds = self.adjust_embeddings(embeds, max(past_length - n, 0))
         batch = embeds.shape[0]
         kwargs["inputs_embeds"] = self.prepend(embeds) if first_step else embeds
@@ -149,3 +168,39 @@ def init_rows(table: torch.Tensor, n: int, init: str, seed: int, text: str = "",
         found = AutoTokenizer.from_pretrained(tokenizer)(text)["input_ids"]
         ids = torch.tensor((found * (n // max(len(found), 1) + 1))[:n])
     return table[ids.to(table.device)].float().cpu()
+
+
+def check_room(root: nn.Module, method: str, n: int, needed: int, why: str = "") -> tuple[tuple[int, bool] | None, str]:
+    """Refuse a prompt of n positions that leaves no room in the model; returns (limit, model description).
+
+    `needed` positions (n + 1 by default: at least one real token) must fit a model with absolute
+    position embeddings; any model refuses n >= its declared max_position_embeddings.
+    """
+    limit, model = position_limit(root), describe(root)
+    if limit is None:
+        return None, model
+    positions, absolute = limit
+    if n >= positions:
+        raise ConfigError(f"{method}: {n} virtual tokens reach {model}'s limit of {positions} positions, leaving none "
+                          f"for the input; use num_virtual_tokens well below {positions}")
+    if absolute and needed > positions:
+        raise ConfigError(f"{method}: {why or f'{n} virtual tokens'} need {needed} positions, more than the "
+                          f"{positions} absolute positions of {model}; use fewer virtual tokens or a shorter "
+                          "max_length")
+    return limit, model
+
+
+def check_length(limit: tuple[int, bool] | None, model: str, method: str, n: int, past: int, seq: int,
+                 prompt_in_past: bool) -> None:
+    """Raise a ConfigError, instead of the embedding's IndexError, when prompt + tokens overrun absolute positions.
+
+    `past` tokens are in the KV cache already (with the prompt in them when `prompt_in_past`).
+    """
+    if limit is None or not limit[1]:
+        return
+    total = past + seq + (0 if prompt_in_past else n)
+    if total > limit[0]:
+        room = limit[0] - n
+        raise ConfigError(f"{method}: {n} virtual tokens + {total - n} input tokens = {total} positions, but {model} "
+                          f"has {limit[0]} absolute positions; truncate inputs to max_length <= {room} "
+                          f"(e.g. the tokenizer's max_length, or generate fewer tokens) or use fewer virtual tokens")
