@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 
 from ..core import weights
-from ..core.architectures import describe
 from ..core.apply import adapter_layers_of, apply, get_state, unload
+from ..core.architectures import describe
 from ..core.calibration import batch_loss
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import layer_index
