@@ -11,6 +11,7 @@ Fashion-MNIST and shipped in the package; they live in `vision.py` and have no t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,12 +21,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from ..core.config import ConfigError
 from . import assets
 from .vision import BUILTINS as VISION_BUILTINS
 from .vision import is_vision_model_dir, load_vision_model
 
 TASKS = ("classification", "causal-lm", "image-classification")
 HEAD_FILE = "classifier.safetensors"  # marks a saved MeanPoolingClassifier directory
+TASK_FILE = "task.json"  # written by `peftkit train` next to the adapter: task, num_labels, label_names
+BUILTIN_TASKS = {"minilm": "classification", "smollm2": "causal-lm",
+                 **dict.fromkeys(VISION_BUILTINS, "image-classification")}
+# learned positions that start after the padding index: usable = max_position_embeddings - pad_token_id - 1
+_PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                             "data2vec-text", "longformer", "mpnet", "ibert", "xmod")
 
 
 class MeanPoolingClassifier(nn.Module):
@@ -113,19 +121,23 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None,
     Args:
         name_or_path: "minilm", "smollm2", "vit-fmnist", "cnn-fmnist", a directory or a Hub model name.
         task: "classification", "causal-lm" or "image-classification".
-        num_labels: classes of the classification head; None: 2 for text, and for vision the
-            built-in's 10 or a saved directory's own.
+        num_labels: classes of the classification head; None: the checkpoint's own head size (2
+            for minilm and a base without a head), and for vision the built-in's 10 or a saved
+            directory's own. A head of another size is created fresh.
         dtype: parameter dtype (float32 for training on CPU).
+
+    Raises:
+        ConfigError: an unknown task, a built-in asked for another task, or a model that cannot be
+            loaded (no such directory, no network for a Hub name, not a transformers checkpoint).
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    builtin_task = {"minilm": "classification", "smollm2": "causal-lm",
-                    **dict.fromkeys(VISION_BUILTINS, "image-classification")}.get(name_or_path)
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    builtin_task = BUILTIN_TASKS.get(name_or_path)
     if builtin_task is not None and task != builtin_task:
-        raise ValueError(f"built-in model {name_or_path!r} supports task {builtin_task!r}, not {task!r}")
+        raise ConfigError(f"built-in model {name_or_path!r} supports task {builtin_task!r}, not {task!r}")
     if task == "image-classification":
         if not is_vision_model_dir(name_or_path):
-            raise ValueError(f"task 'image-classification' needs a peftkit vision model ({', '.join(VISION_BUILTINS)} "
+            raise ConfigError(f"task 'image-classification' needs a peftkit vision model ({', '.join(VISION_BUILTINS)} "
                              f"or a directory it saved); got {name_or_path!r}")
         return load_vision_model(name_or_path, num_classes=num_labels, dtype=dtype), None
     if name_or_path == "minilm":
@@ -136,7 +148,7 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None,
         model = MeanPoolingClassifier.from_pretrained(name_or_path, dtype)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     else:
-        model, tokenizer = _load_auto(name_or_path, task, num_labels or 2, dtype)
+        model, tokenizer = _load_auto(name_or_path, task, num_labels, dtype)
     if builtin_task is not None:
         model.config._name_or_path = name_or_path  # saved adapters name the built-in, not a site-packages path
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -156,13 +168,88 @@ def _load_minilm(num_labels: int, dtype: torch.dtype) -> tuple[nn.Module, object
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _load_auto(name_or_path: str, task: str, num_labels: int, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _load_auto(name_or_path: str, task: str, num_labels: int | None, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     local = name_or_path == "smollm2"
     path = assets.smollm2_path() if local else name_or_path
-    if task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(path, local_files_only=local)
+    try:
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local)
+        else:  # a head of another size than the checkpoint's is created fresh, as for a base without one
+            sized = {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **sized)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except (OSError, ValueError) as err:  # no such directory, offline Hub name, unknown architecture
+        where = "local directory" if Path(name_or_path).exists() else "local directory or Hub name (offline?)"
+        raise ConfigError(f"could not load {name_or_path!r} as a {task} model from this {where}: "
+                          f"{str(err).splitlines()[0]}; built-ins: {', '.join(BUILTIN_TASKS)}") from err
+    return model, tokenizer
+
+
+def head_size(model: nn.Module) -> int | None:
+    """The classes of a sequence classifier's head (MeanPoolingClassifier or transformers'), else None."""
+    return getattr(model, "num_labels", None) or getattr(getattr(model, "config", None), "num_labels", None)
+
+
+def max_positions(model: nn.Module, tokenizer=None) -> tuple[int, str] | None:
+    """(tokens the model can read, where that figure came from), or None for models without a limit.
+
+    Learned position tables (BERT, GPT-2, OPT) fail with an index error past their end; the config
+    says how long they are. RoBERTa-style tables start after the padding index, so two rows fewer
+    are usable. Without a config figure (relative positions, as in T5) the tokenizer's
+    `model_max_length` is used when it is a real limit (it is 1e30 when unknown).
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            if getattr(config, "model_type", "") in _PADDING_OFFSET_POSITIONS:
+                pad = getattr(config, "pad_token_id", None)
+                value -= (1 if pad is None else pad) + 1
+                return value, f"config.{name} less the padding offset"
+            return value, f"config.{name}"
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit, "tokenizer.model_max_length"
+    return None
+
+
+def saved_task(adapter_dir: str | os.PathLike) -> dict | None:
+    """The `task.json` a run wrote next to its adapter ({"task", "num_labels", "label_names"}), or None."""
+    path = Path(adapter_dir) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); delete it and pass --task") from err
+    if not isinstance(info, dict) or info.get("task") not in TASKS:
+        raise ConfigError(f"{path} names no task of {', '.join(TASKS)}; delete it and pass --task")
+    return info
+
+
+def base_task(name_or_path: str) -> str | None:
+    """The task a base model was built for, when it can be told without loading it; else None.
+
+    Built-in names know theirs; a peftkit vision or MiniLM-classifier directory is a classifier;
+    a transformers directory says so in `config.json`'s `architectures` (`*ForSequenceClassification`
+    is classification, `*ForCausalLM` / `*LMHeadModel` causal LM).
+    """
+    if name_or_path in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name_or_path]
+    if is_vision_model_dir(name_or_path):
+        return "image-classification"
+    path = Path(name_or_path)
+    if (path / HEAD_FILE).is_file():
+        return "classification"
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    kinds = {"classification" if a.endswith("ForSequenceClassification") else
+             "causal-lm" if a.endswith(("ForCausalLM", "LMHeadModel")) else None for a in architectures}
+    kinds.discard(None)
+    return kinds.pop() if len(kinds) == 1 else None
