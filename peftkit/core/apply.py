@@ -100,9 +100,9 @@ def apply(model: nn.Module, cfg: AdapterConfig, *, replace: bool = False, init: 
             _keep_what_unload_writes(model, undo)
             unload(model)
         _attach(model, cfg, method, init, undo, attached)
-        if fill is not None:
-            params = dict(model.named_parameters())
-            undo.keep_tensors([(params[n], None) for n in get_state(model).selected])
+        if fill is not None:  # it overwrites selected parameters: their originals are the values to restore
+            params, originals = dict(model.named_parameters()), get_state(model).originals
+            undo.keep_tensors([(params[n], originals.get(n)) for n in get_state(model).selected])
             fill(model)
     except BaseException:
         for layer in reversed(attached):  # what on_attach installed outside the model; the snapshot does the rest
