@@ -283,7 +283,7 @@ def unload(model: nn.Module) -> nn.Module:
     Merged layers leave their merged weights in the base (call `merge` first to keep the
     adaptation); unmerged ones leave the original base weights (bit for bit, except after a
     base-rewriting init such as PiSSA/OLoRA, whose residual is added back: exact up to rounding, see
-    `methods.lora`). Selected parameters (selection methods, DiffFit's biases) likewise keep their
+    LoRA's module docstring). Selected parameters (selection methods, DiffFit's biases) likewise keep their
     trained values after `merge` and get their originals back otherwise (full fine-tuning keeps no
     originals: its trained weights stay). Parameters get back the `requires_grad` flags they had
     before `apply`. A merged layer whose base weight was tied to another module stays untied (the two
