@@ -9,13 +9,20 @@ Layout of a run's `output_dir`:
         rng.safetensors        torch CPU (and CUDA) generator states, one row per rank
         schedule.safetensors   the method schedule's tensors (AdaLoRA's importance EMAs), when it has one
         trainer_state.json     step, data position, optimizer hyperparameters and scalar state,
-                               scheduler state, the method schedule's counters, Python and NumPy RNG,
-                               loss and eval history
+                               the method schedule's counters, Python and NumPy RNG, loss and eval
+                               history, and the run's TrainConfig (compared when a run resumes)
     checkpoint-last -> checkpoint-000040
 
 A checkpoint is written into a hidden temporary directory, every file is fsynced, the directory is
 renamed into place, and only then is `checkpoint-last` re-pointed (a new symlink renamed over the old
 one). A kill at any moment therefore leaves `checkpoint-last` pointing at a complete checkpoint.
+
+Only directories named `checkpoint-` plus at least six digits are checkpoints: a user's
+`checkpoint-best`, a file or a symlink with such a name is neither read, pruned nor a reason to fail.
+A checkpoint is complete when every file in it parses (`read_checkpoint`); resuming takes the one
+`checkpoint-last` names, or, when that link is gone or its checkpoint does not read, the newest
+complete one before it (`find_resumable`). Files and directories get the permissions `open()` gives
+(0o666 / 0o777 minus the umask), like the rest of the run's output.
 """
 
 from __future__ import annotations
@@ -23,22 +30,28 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from ..core.io import load_adapter_state_dict, read_adapter, read_tensors, save
+from ..core.io import adapter_state_dict, load_adapter_state_dict, read_adapter, read_tensors, save
 
 LAST = "checkpoint-last"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 SCHEDULE_FILE = "schedule.safetensors"
+
+
+_NAME = re.compile(r"checkpoint-(\d{6,})")
+_STATE_KEYS = ("step", "micro_batches", "data", "trainable", "history", "optimizer", "rng")
 
 
 class CheckpointError(RuntimeError):
@@ -51,9 +64,33 @@ def checkpoint_name(step: int) -> str:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint `checkpoint-last` points at, or None when the run has none yet."""
-    link = Path(output_dir) / LAST
-    return link.resolve() if link.is_symlink() and (link.resolve() / STATE_FILE).is_file() else None
+    """The checkpoint `checkpoint-last` points at, or None when the run has none yet (or the link is broken)."""
+    name = _link_target(Path(output_dir))
+    path = Path(output_dir) / name if name else None
+    return path if path is not None and (path / STATE_FILE).is_file() else None
+
+
+def checkpoint_dirs(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every real `checkpoint-NNNNNN` directory in `output_dir`, by step.
+
+    Anything else with a checkpoint-like name (`checkpoint-best`, a file, a symlink) is left alone:
+    it is not ours to read or delete, and `int()` of its name must not stop a save.
+    """
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _NAME.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()]
+    return sorted(found)
+
+
+def _link_target(output_dir: Path) -> str | None:
+    """The checkpoint name `checkpoint-last` points at (a name inside output_dir), or None."""
+    link = output_dir / LAST
+    if not link.is_symlink():
+        return None
+    name = os.readlink(link)
+    return name if _NAME.fullmatch(name) else None
 
 
 # --- optimizer state <-> (tensors, JSON) -----------------------------------------------------
@@ -138,67 +175,51 @@ def _gather(state: torch.Tensor, world_size: int, device: torch.device) -> torch
     return torch.stack(rows).cpu()
 
 
-# --- writing and reading ----------------------------------------------------------------------
-def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, scheduler,
-                    state: dict, rng: tuple[dict, dict], keep: int = 2, method_schedule=None) -> Path:
+# --- writing ----------------------------------------------------------------------------------
+def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, state: dict,
+                    rng: tuple[dict, dict], keep: int = 2, method_schedule=None) -> Path:
     """Write a complete checkpoint atomically, point `checkpoint-last` at it and prune old ones.
 
-    `state` is the JSON part the loop owns (step, data position, history); `rng` comes from
-    `capture_rng`; `method_schedule` is the model's MethodSchedule (rank budgets), if any.
-    Call on one rank only. Returns the checkpoint directory.
+    `state` is the JSON part the loop owns (step, data position, history, run config); `rng` comes
+    from `capture_rng`; `method_schedule` is the model's MethodSchedule (rank budgets), if any.
+    Call on one rank only, by the process that holds `output_dir`'s lock (`output_dir.claim`):
+    temporary directories of other processes are deleted as left by a kill. Returns the directory.
     """
     output_dir = Path(output_dir)
+    tensors = adapter_state_dict(model)
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # the loop stops before this; a checkpoint must never be the first file to hold a diverged model
+        raise CheckpointError(f"not writing checkpoint {step}: adapter tensor(s) {', '.join(bad[:5])} hold NaN or "
+                              "infinite values")
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     save(model, tmp)  # adapter weights + config: the directory is also a loadable adapter
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
-    save_file(rng[0], str(tmp / RNG_FILE), metadata={"format": "pt"})
-    meta = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng[1]}
+    _write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
+    _write_tensors(tmp / RNG_FILE, rng[0])
+    meta = {**state, "optimizer": opt_meta, "rng": rng[1]}
     if method_schedule is not None:
         schedule_tensors, meta["method_schedule"] = split_schedule_state(method_schedule.state_dict())
-        save_file(schedule_tensors, str(tmp / SCHEDULE_FILE), metadata={"format": "pt"})
+        _write_tensors(tmp / SCHEDULE_FILE, schedule_tensors)
     (tmp / STATE_FILE).write_text(json.dumps(meta))
     for path in tmp.iterdir():
         _fsync(path)
     _fsync(tmp)
-    if final.exists():  # left by an earlier run that was resumed from an older checkpoint
-        shutil.rmtree(final)
+    _remove(final)  # left by an earlier run that was resumed from an older checkpoint, or not ours at all
     os.rename(tmp, final)
     link = output_dir / f".tmp-{LAST}-{os.getpid()}"
     link.unlink(missing_ok=True)
     os.symlink(final.name, link)
     os.replace(link, output_dir / LAST)
     _fsync(output_dir)
-    _prune(output_dir, keep, final)
+    _prune(output_dir, keep, step)
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, rank: int,
-                    method_schedule=None) -> dict:
-    """Load adapter, optimizer, scheduler, method schedule and RNG states; returns the JSON state."""
-    path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
-    meta = json.loads((path / STATE_FILE).read_text())
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if meta["trainable"] != trainable:
-        raise CheckpointError(
-            f"{path} was saved from a model with other trainable parameters "
-            f"({len(meta['trainable'])} saved, {len(trainable)} now); resume with the same adapter config"
-        )
-    load_adapter_state_dict(model, read_adapter(path)[2])  # the adapter as peftkit.save wrote it
-    template = optimizer.state_dict()
-    optimizer.load_state_dict(unflatten_optimizer(read_tensors(path / OPTIMIZER_FILE), meta["optimizer"], template))
-    scheduler.load_state_dict(meta["scheduler"])
-    if method_schedule is not None:
-        if "method_schedule" not in meta:
-            raise CheckpointError(f"{path} holds no state of the method's schedule (written by a run without it); "
-                                  "resume with the adapter config it was trained with")
-        method_schedule.load_state_dict({**meta["method_schedule"], **read_tensors(path / SCHEDULE_FILE)})
-    restore_rng(read_tensors(path / RNG_FILE), meta["rng"], rank)
-    return meta
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A safetensors file with the permissions `open()` gives (`save_file` makes every file 0600)."""
+    path.write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
 
 
 def _fsync(path: Path) -> None:
@@ -209,14 +230,125 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _prune(output_dir: Path, keep: int, newest: Path) -> None:
-    """Delete all but the `keep` newest checkpoints, and temporary directories a kill left behind."""
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points to) or a directory tree, if there is one."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _prune(output_dir: Path, keep: int, newest: int) -> None:
+    """Keep the `keep` newest checkpoints up to step `newest`; delete the rest and what kills left.
+
+    Checkpoints after `newest` belong to a future this run abandoned (it resumed from an earlier
+    one): left in place, they would be taken for this run's when `checkpoint-last` is lost.
+    """
     for stale in output_dir.glob(".tmp-checkpoint-*"):
-        if stale.is_symlink():
-            stale.unlink()
-        elif not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
-    done = sorted((p for p in output_dir.glob("checkpoint-[0-9]*") if p.is_dir()), key=lambda p: int(p.name[11:]))
-    for old in done[: max(len(done) - keep, 0)]:
-        if old != newest:
-            shutil.rmtree(old)
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            _remove(stale)
+    done = checkpoint_dirs(output_dir)
+    older = [path for step, path in done if step < newest]
+    for step, path in done:
+        if step > newest or path in older[: max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(path)
+
+
+# --- reading ----------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """Every file of one checkpoint, parsed (`read_checkpoint`); nothing is applied to a model yet."""
+
+    path: Path
+    meta: dict
+    """trainer_state.json."""
+    adapter_config: dict
+    """The adapter config the weights were trained with (`AdapterConfig.to_dict()`)."""
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+    schedule: dict[str, torch.Tensor] | None
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and parse every file of a checkpoint; CheckpointError names the one missing or corrupt."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {STATE_FILE}")
+    try:
+        meta = json.loads(state_file.read_text())
+    except (OSError, ValueError) as err:  # truncated, not JSON, not UTF-8
+        raise CheckpointError(f"{state_file} is truncated or corrupt ({err})") from err
+    missing = [key for key in _STATE_KEYS if key not in meta] if isinstance(meta, dict) else list(_STATE_KEYS)
+    if missing or not isinstance(meta["step"], int) or isinstance(meta["step"], bool) or meta["step"] < 0:
+        raise CheckpointError(f"{state_file} is corrupt or from another program: it lacks {missing or ['step']}")
+    try:
+        adapter_config, _, adapter = read_adapter(path)
+        files = [OPTIMIZER_FILE, RNG_FILE] + ([SCHEDULE_FILE] if "method_schedule" in meta else [])
+        tensors = {name: read_tensors(path / name) for name in files}
+    except Exception as err:  # noqa: BLE001  any file that does not parse makes the checkpoint incomplete
+        raise CheckpointError(f"{path} is incomplete or corrupt: {err}") from err
+    return Checkpoint(path, meta, adapter_config.to_dict(), adapter, tensors[OPTIMIZER_FILE],
+                      tensors[RNG_FILE], tensors.get(SCHEDULE_FILE))
+
+
+def find_resumable(output_dir: str | os.PathLike) -> tuple[Checkpoint | None, list[str]]:
+    """The checkpoint `resume=True` continues from, and why each newer candidate was passed over.
+
+    That is the one `checkpoint-last` points at when all its files parse; otherwise the newest
+    complete checkpoint before it (before any, when the link is missing or dangling: a kill between
+    the rename and the link, or a user who deleted it).
+    """
+    done = checkpoint_dirs(output_dir)
+    target = _link_target(Path(output_dir))
+    steps = {path.name: step for step, path in done}
+    limit = steps.get(target) if target else None
+    candidates = [path for step, path in reversed(done) if limit is None or step <= limit]
+    skipped = [] if target is None or limit is not None else [f"{LAST} points at {target}, which is not there"]
+    for path in candidates:
+        try:
+            return read_checkpoint(path), skipped
+        except CheckpointError as err:
+            skipped.append(str(err))
+    return None, skipped
+
+
+def load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, model: nn.Module, optimizer, rank: int,
+                    method_schedule=None) -> dict:
+    """Load adapter, optimizer, method schedule and RNG states; returns the JSON state.
+
+    The optimizer keeps its hyperparameters as the current run built them (`initial_lr`, `lr`,
+    `weight_decay`) and takes only its state (moments, step counts) from the checkpoint: the loop
+    then sets the learning rate from the current schedule, so a resumed run with a changed lr or
+    max_steps follows the new schedule instead of the values baked into the old one.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    meta = ckpt.meta
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if meta["trainable"] != trainable:
+        raise CheckpointError(
+            f"{ckpt.path} was saved from a model with other trainable parameters "
+            f"({len(meta['trainable'])} saved, {len(trainable)} now); resume with the same adapter config"
+        )
+    if method_schedule is not None and ckpt.schedule is None:
+        raise CheckpointError(f"{ckpt.path} holds no state of the method's schedule (written by a run without "
+                              "it); resume with the adapter config it was trained with")
+    template = optimizer.state_dict()
+    try:
+        saved = unflatten_optimizer(ckpt.optimizer, meta["optimizer"], template)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({err}); "
+                              "resume with the optimizer it was trained with") from err
+    for group, live in zip(saved["param_groups"], template["param_groups"], strict=True):
+        group.update({k: live[k] for k in ("lr", "initial_lr", "weight_decay") if k in live})
+    optimizer.load_state_dict(saved)
+    if method_schedule is not None:
+        method_schedule.load_state_dict({**meta["method_schedule"], **ckpt.schedule})
+    load_adapter_state_dict(model, ckpt.adapter)  # last of what can fail: the model changes only if all fit
+    restore_rng(ckpt.rng, meta["rng"], rank)
+    return meta

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+import os
+from dataclasses import dataclass, fields
 
 from ..core.config import ConfigError
 
@@ -40,7 +42,8 @@ class TrainConfig:
     """Warm-up as a share of all steps, instead of `warmup_steps`."""
 
     max_grad_norm: float = 1.0
-    """Clip the global L2 norm of the trainable gradients to this; 0 turns clipping off."""
+    """Clip the global L2 norm of the trainable gradients to this; 0 turns clipping off (a NaN or
+    infinite gradient stops the run either way)."""
 
     eval_every: int = 0
     """Evaluate every N steps (and always after the last step); 0 evaluates only at the end."""
@@ -78,9 +81,18 @@ class TrainConfig:
     device: str = "auto"
     """Torch device; "auto" picks cuda:LOCAL_RANK when a GPU is present, else cpu."""
 
+    overwrite: bool = False
+    """Let a fresh run (not a resumed one) clear the checkpoints, metrics and adapter another run left in
+    `output_dir`; without it such a run is refused, so two runs' files never mix."""
+
     def __post_init__(self) -> None:
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
         if isinstance(self.bf16, str) and self.bf16.lower() in ("true", "false"):
             self.bf16 = self.bf16.lower() == "true"
+        errors = self._type_errors()  # the range checks below compare numbers: run them on numbers only
+        if errors:
+            raise ConfigError("invalid TrainConfig: " + "; ".join(errors))
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
@@ -103,6 +115,34 @@ class TrainConfig:
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ConfigError("invalid TrainConfig: " + "; ".join(errors))
+
+    def _type_errors(self) -> list[str]:
+        """Fields whose value is not of the declared kind; float fields must also be finite.
+
+        Why: `lr=inf` passed `lr > 0` and trained to NaN weights, `max_steps=1.5` failed deep inside
+        `range()`, and `progress="no"` was truthy. A whole float for an int field (10.0) is taken as 10.
+        """
+        errors = []
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if (value is None and "None" in kind) or f.name == "bf16":
+                continue
+            if kind.startswith("int"):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                    setattr(self, f.name, value)
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                    errors.append(f"{f.name} must be a whole number, got {value!r}")
+            elif kind.startswith("float"):
+                if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                    errors.append(f"{f.name} must be a number, got {value!r}")
+                elif not math.isfinite(value):
+                    errors.append(f"{f.name} must be finite, got {value}")
+            elif kind == "bool" and not isinstance(value, bool):
+                errors.append(f"{f.name} must be true or false, got {value!r}")
+            elif kind == "str" and not isinstance(value, str):
+                errors.append(f"{f.name} must be a string, got {value!r}")
+        return errors
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the whole run."""

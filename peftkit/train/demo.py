@@ -141,7 +141,8 @@ def run_config(task: str, method: str, fields: dict, lr: float, budget: dict, ou
                 "eval_size": budget["test_size"], "test_size": budget["test_size"], "test_before_training": True}
     eval_batch = {"text": 64, "vision": 500}.get(task, 8)  # LM logits are (batch, seq, 49k): keep them small
     train = {"lr": lr, "max_steps": steps, "batch_size": batch, "eval_batch_size": eval_batch, "warmup_ratio": 0.1,
-             "output_dir": str(out / method), "log_every": 0, "save_adapter": True, "seed": 0}
+             "output_dir": str(out / method), "log_every": 0, "save_adapter": True, "seed": 0,
+             "overwrite": True}  # a demo row is re-run from scratch: its directory holds the last run's files
     return {"model": model, "data": data, "method": method, "adapter": fields, "train": train}
 
 

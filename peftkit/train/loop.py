@@ -2,10 +2,15 @@
 
     for step in start+1 .. total:
         grad_accum micro-batches: forward (bf16 autocast when on) + callbacks' extra losses, backward
-        stop on a non-finite loss (NonFiniteLossError; the last checkpoint is left as it was)
+        stop on a non-finite loss or gradient (NonFiniteLossError; the last checkpoint is left as it was)
         average the trainable gradients over ranks (frozen base weights are never sent)
         callbacks' on_after_backward -> clip -> optimizer step -> lr schedule step -> zero_grad
+        stop when the update made a trainable weight non-finite (nothing is saved from it)
         record the loss; evaluate every eval_every steps; checkpoint every save_every steps
+
+A run holds `output_dir/.lock` while it trains, and a fresh run refuses an output_dir that holds
+another run's checkpoints or metrics.json unless given `resume` or `overwrite` (`output_dir.py`).
+Resuming checks the saved adapter and train configs against the current ones (`resume.py`).
 
 Callbacks are plain objects with either or both of two optional methods; that is the whole protocol:
 
@@ -32,6 +37,7 @@ files and shows the progress bar; resuming ranks read rank 0's checkpoint (a sha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -54,22 +60,14 @@ from ..core.config import ConfigError
 from ..core.io import save
 from ..core.params import param_groups, trainable_parameters
 from ..core.schedule import MethodSchedule, schedule_for
-from .checkpoint import capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import capture_rng, checkpoint_name, save_checkpoint
 from .config import TrainConfig  # noqa: F401  (re-exported: the loop's settings)
 from .distributed import Dist, all_reduce_gradients, epoch_batches, setup_distributed  # noqa: F401
 from .evaluation import accuracy, autocast_for, evaluate, loss_of, to_device  # noqa: F401
+from .finite import NonFiniteLossError, loss_and_gradients, nonfinite_names, weights_finite
+from .output_dir import OutputDirError, check_fresh, claim, clear_previous_run
 from .plots import plot_loss
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the loop stopped before the optimizer step of that step."""
-
-    def __init__(self, step: int, loss: float, checkpoint: Path | None) -> None:
-        self.step, self.loss, self.checkpoint = step, loss, checkpoint
-        where = (f"The last good checkpoint, {checkpoint}, is untouched: lower lr or check the data, then "
-                 "train again with resume=True." if checkpoint else "No checkpoint was written before it.")
-        super().__init__(f"loss is {loss} at step {step}; training stopped before that step's optimizer update, "
-                         f"so the model holds the weights of step {step - 1}. {where}")
+from .resume import resume_state, run_state
 
 
 def micro_batches(data, collate_fn: Callable, cfg: TrainConfig, start: int, run: Dist) -> Iterator[dict]:
@@ -108,7 +106,7 @@ def _build_optimizer(model: nn.Module, params: list[nn.Parameter], optimizer, cf
 
 def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn: Callable, *,
           optimizer=None, resume: bool | str | os.PathLike = False, metric_fn: Callable = accuracy,
-          callbacks: Sequence = ()) -> dict:
+          callbacks: Sequence = (), overwrite: bool | None = None) -> dict:
     """Train the model's trainable (adapter) parameters; returns the metrics also written to metrics.json.
 
     Args:
@@ -117,27 +115,59 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn:
         collate_fn: list of dataset items -> batch dict (e.g. `partial(collate, pad_id=...)`).
         optimizer: None (AdamW over the trainable parameters), an optimizer, or a callable
             `model -> optimizer | param groups` (param groups get AdamW with `cfg.lr` as default).
-        resume: True continues from `output_dir/checkpoint-last` (from step 0 when there is none);
-            a path continues from that checkpoint.
+        resume: True continues from `output_dir/checkpoint-last` (from step 0 when there is none;
+            from the newest complete checkpoint when that one is missing or corrupt); a path
+            continues from that checkpoint. The adapter config must be the one it was trained with.
         metric_fn: `(output, batch) -> {name: (numerator, denominator)}` for evaluation.
         callbacks: objects with optional `extra_loss` / `on_after_backward` (module docstring).
+        overwrite: a fresh run may clear another run's files from `output_dir` (default: `cfg.overwrite`).
 
     Raises:
-        NonFiniteLossError: the loss became NaN/inf; metrics.json records it, checkpoints stay untouched.
+        NonFiniteLossError: the loss, a gradient or an updated weight became NaN/inf; metrics.json
+            records it, checkpoints stay untouched.
+        OutputDirError: another process trains in `output_dir`, or it holds another run's files and
+            neither `resume` nor `overwrite` was given.
     """
     run = setup_distributed(cfg.device)
     was_training = model.training
+    overwrite = cfg.overwrite if overwrite is None else overwrite
     try:
-        result = _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks, run)
-        if run.owns_group:
-            # no rank tears its group down while a peer is still inside a collective or writing the
-            # last checkpoint: gloo aborted a rank whose peer closed its sockets first (rare, seen in CI)
-            dist.barrier()
+        with contextlib.ExitStack() as held:
+            _claim_output_dir(cfg, resume, overwrite, run, held)  # held until the run is over
+            result = _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks,
+                            run)
+            if run.owns_group:
+                # no rank tears its group down while a peer is still inside a collective or writing the
+                # last checkpoint: gloo aborted a rank whose peer closed its sockets first (rare, seen in CI)
+                dist.barrier()
         return result
     finally:
         model.train(was_training)  # hand the model back in the mode it came in
         if run.owns_group:
             dist.destroy_process_group()
+
+
+def _claim_output_dir(cfg: TrainConfig, resume, overwrite: bool, run: Dist, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks output_dir and checks (or clears) what an earlier run left; every rank learns the outcome."""
+    out = Path(cfg.output_dir)
+    error = None
+    if run.rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(claim(out))
+            check_fresh(out, resume, overwrite)
+            removed = clear_previous_run(out) if overwrite and not resume else []
+            if removed:
+                print(f"overwrite: removed {', '.join(removed)} from {out}")
+        except (OutputDirError, OSError) as err:
+            error = err
+    if run.world > 1:  # the other ranks must not go on into collectives rank 0 will never join
+        failed = torch.tensor([float(error is not None)], device=run.device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise OutputDirError(f"rank 0 could not use output_dir {out}; its error says why")
+    if error is not None:
+        raise error
 
 
 def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks, run) -> dict:
@@ -147,8 +177,8 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
     if method_schedule is None:
         method_schedule = schedule_for(model, total)  # the method's own per-step work, if it has any
         callbacks = [*callbacks, method_schedule] if method_schedule is not None else callbacks
-    state = _resume_state(resume, cfg, model, optimizer, scheduler, run, len(train_data), method_schedule)
-    start, history = state["step"], state["history"]
+    state = resume_state(resume, cfg, model, optimizer, scheduler, run, len(train_data), total, method_schedule)
+    start, history, last_good = state["step"], state["history"], state["path"]
     data = micro_batches(train_data, collate_fn, cfg, start * cfg.grad_accum, run)
     extra_losses = [cb.extra_loss for cb in callbacks if hasattr(cb, "extra_loss")]
     after_backward = [cb.on_after_backward for cb in callbacks if hasattr(cb, "on_after_backward")]
@@ -165,21 +195,8 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
                     loss = loss_of(model(**batch)) + sum(terms)
                 (loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float() / cfg.grad_accum
-            # averaged over ranks, so a NaN on any rank stops every rank at the same step
-            loss_value = _mean_over_ranks(step_loss, run)
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(step, loss_value, latest_checkpoint(out))
-            # gradients are per-rank sums until here: average the trainable ones, then let callbacks see them
-            all_reduce_gradients(params, run.world)
-            for hook in after_backward:
-                hook(step, model, optimizer)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            loss_value, lr = _update(step, step_loss, model, params, optimizer, scheduler, after_backward, cfg, run,
+                                     last_good)
             history["train_loss"].append({"step": step, "loss": loss_value, "lr": lr})
             _report(bar, cfg, run, step, total, loss_value, lr, (step - start) / (time.perf_counter() - started))
             if eval_data is not None and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -187,11 +204,11 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
                 history["eval"].append({"step": step, **figures})
                 _report_eval(cfg, run, history["eval"][-1])
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-                _checkpoint(out, step, model, optimizer, scheduler, cfg, run, history, len(train_data),
-                            method_schedule)
+                last_good = _checkpoint(out, step, model, optimizer, cfg, run, history, len(train_data),
+                                        method_schedule)
     except NonFiniteLossError as err:
         optimizer.zero_grad(set_to_none=True)
-        _finish(model, cfg, run, history, f"stopped: non-finite loss at step {err.step}", started, start)
+        _finish(model, cfg, run, history, f"stopped: non-finite {err.what} at step {err.step}", started, start)
         raise
     finally:
         bar.close()
@@ -200,13 +217,40 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
     return _finish(model, cfg, run, history, "completed", started, start)
 
 
+def _update(step: int, step_loss: torch.Tensor, model, params, optimizer, scheduler, after_backward, cfg, run: Dist,
+            last_good: Path | None) -> tuple[float, float]:
+    """Check, average, hook, clip, step: one optimizer update; returns the step's loss and learning rate.
+
+    Raises NonFiniteLossError before the update on a non-finite loss or gradient, and after it when the
+    update made a trainable weight non-finite (a finite loss does not guarantee a finite update).
+    """
+    # averaged over ranks with a flag for non-finite gradients, so every rank stops at the same step
+    loss_value, grads_ok = loss_and_gradients(step_loss, params, run)
+    if not math.isfinite(loss_value):
+        raise NonFiniteLossError(step, loss_value, last_good)
+    if not grads_ok:
+        raise NonFiniteLossError(step, loss_value, last_good, "gradient", nonfinite_names(model, grads=True))
+    # gradients are per-rank sums until here: average the trainable ones, then let callbacks see them
+    all_reduce_gradients(params, run.world)
+    for hook in after_backward:
+        hook(step, model, optimizer)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not weights_finite(params, run):
+        raise NonFiniteLossError(step, loss_value, last_good, "weights", nonfinite_names(model, grads=False))
+    return loss_value, lr
+
+
 def _setup(model, train_data, cfg: TrainConfig, optimizer, run: Dist):
     """Checks, seeding, device, equal adapters on all ranks, optimizer and schedule."""
     if not has_adapter(model):
         raise ConfigError("train() expects a model with a peftkit adapter; call peftkit.apply(model, config) first")
     if len(train_data) < run.world:
         raise ValueError(f"train_data has {len(train_data)} examples, fewer than the {run.world} ranks")
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same on every rank: equal dropout streams, like a single process
     model.to(run.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -217,15 +261,11 @@ def _setup(model, train_data, cfg: TrainConfig, optimizer, run: Dist):
     optimizer = _build_optimizer(model, params, optimizer, cfg)
     total = cfg.total_steps(len(epoch_batches(len(train_data), cfg.batch_size, 0, 0, run.rank, run.world)))
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total)
+    if warmup >= total > 1 and run.rank == 0:
+        warnings.warn(f"warm-up ({warmup} steps) is not shorter than the run ({total} steps): the learning rate "
+                      f"never reaches lr={cfg.lr:g} and never decays", stacklevel=4)
     scheduler = LambdaLR(optimizer, partial(linear_schedule, warmup=warmup, total=total))
     return params, optimizer, scheduler, total
-
-
-def _mean_over_ranks(value: torch.Tensor, run: Dist) -> float:
-    if run.world > 1:
-        dist.all_reduce(value)
-        value /= run.world
-    return value.item()
 
 
 def _report(bar, cfg: TrainConfig, run: Dist, step: int, total: int, loss: float, lr: float,
@@ -244,42 +284,16 @@ def _report_eval(cfg: TrainConfig, run: Dist, figures: dict) -> None:
         tqdm.write(f"step {figures['step']}: {shown}")
 
 
-def _data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
-    """What fixes the data order: a resumed run with other values cannot repeat the original one."""
-    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "world_size": run.world, "examples": n}
-
-
-def _checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, run: Dist,
-                history: dict, n: int, method_schedule: MethodSchedule | None) -> None:
+def _checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, run: Dist, history: dict, n: int,
+                method_schedule: MethodSchedule | None) -> Path:
+    """Write the checkpoint of `step` (rank 0; every rank takes part in gathering RNG states); its path."""
     rng = capture_rng(run.world, run.device)  # a collective: every rank takes part
-    if run.rank != 0:
-        return
-    state = {"step": step, "micro_batches": step * cfg.grad_accum, "data": _data_key(cfg, run, n),
-             "trainable": [name for name, p in model.named_parameters() if p.requires_grad], "history": history}
-    save_checkpoint(out, step, model, optimizer, scheduler, state, rng, keep=cfg.keep_checkpoints,
-                    method_schedule=method_schedule)
-
-
-def _resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Dist, n: int,
-                  method_schedule: MethodSchedule | None = None) -> dict:
-    """Step 0, or the checkpoint's state after loading its weights, optimizer, scheduler and RNG."""
-    fresh = {"step": 0, "history": {"train_loss": [], "eval": []}}
-    if not resume:
-        return fresh
-    path = latest_checkpoint(cfg.output_dir) if resume is True else Path(resume)
-    if path is None:
-        if run.rank == 0:
-            print(f"resume: no checkpoint in {cfg.output_dir} yet, starting from step 0")
-        return fresh
-    state = load_checkpoint(path, model, optimizer, scheduler, run.rank, method_schedule)
-    changed = {k: (v, state["data"][k]) for k, v in _data_key(cfg, run, n).items() if state["data"][k] != v}
-    if changed:
-        warnings.warn(f"resuming from {path} with changed {changed} (now, saved): the data order will "
-                      "differ from the interrupted run's", stacklevel=3)
     if run.rank == 0:
-        print(f"resumed from {path} at step {state['step']}")
-    return state
+        state = {"step": step, "micro_batches": step * cfg.grad_accum, **run_state(cfg, run, n, model),
+                 "history": history}
+        save_checkpoint(out, step, model, optimizer, state, rng, keep=cfg.keep_checkpoints,
+                        method_schedule=method_schedule)
+    return out / checkpoint_name(step)
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float | None]:

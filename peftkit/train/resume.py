@@ -1,0 +1,123 @@
+"""Continuing a run from a checkpoint under the current settings, or refusing where that cannot be right.
+
+A checkpoint stores the run's TrainConfig (trainer_state.json) and the adapter config it trained
+(peftkit_adapter.json). On resume:
+
+- a different adapter (method, rank, alpha, targets, ...) is refused: the weights would be read into
+  a model they were not trained for, or scaled differently without a word;
+- a different schedule (lr, max_steps, epochs, warm-up, weight decay, clipping) is allowed with a
+  warning, and the learning rate is derived from the CURRENT schedule at the saved step, instead of
+  restoring a scheduler state that baked in the old peak and length (which ran a step at lr 0);
+- a different data order (seed, batch size, grad_accum, world size, examples) is allowed with a warning;
+- a checkpoint past the new run's last step is refused with what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+from ..core.apply import get_state
+from ..core.config import ConfigError
+from .checkpoint import Checkpoint, CheckpointError, find_resumable, load_checkpoint, read_checkpoint
+from .config import TrainConfig
+from .distributed import Dist
+
+SCHEDULE_FIELDS = ("lr", "max_steps", "epochs", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm")
+"""TrainConfig fields a resumed run may change: it continues under the new values, with a warning."""
+
+
+def data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
+    """What fixes the data order: a resumed run with other values cannot repeat the original one."""
+    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "world_size": run.world, "examples": n}
+
+
+def run_state(cfg: TrainConfig, run: Dist, n: int, model) -> dict:
+    """The JSON a checkpoint stores about the run, besides step and history."""
+    return {"data": data_key(cfg, run, n), "train_config": dataclasses.asdict(cfg),
+            "trainable": [name for name, p in model.named_parameters() if p.requires_grad]}
+
+
+def resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Dist, n: int, total: int,
+                 method_schedule=None) -> dict:
+    """Step 0, or the checkpoint's state after loading its weights, optimizer, method schedule and RNG.
+
+    Returns the checkpoint's JSON state plus "path" (the checkpoint resumed from, or None).
+    """
+    fresh = {"step": 0, "history": {"train_loss": [], "eval": []}, "path": None}
+    if not resume:
+        return fresh
+    ckpt = _checkpoint_to_resume(resume, Path(cfg.output_dir))
+    if ckpt is None:
+        if run.rank == 0:
+            print(f"resume: no checkpoint in {cfg.output_dir} yet, starting from step 0")
+        return fresh
+    _check_adapter(ckpt, model)
+    if ckpt.step > total:
+        raise ConfigError(f"{ckpt.path} is at step {ckpt.step}, past this run's last step {total} (max_steps="
+                          f"{cfg.max_steps}, epochs={cfg.epochs}); raise max_steps above {ckpt.step} to continue it, "
+                          "or start a fresh run (overwrite=True or another output_dir)")
+    _warn_changes(ckpt, cfg, run, n)
+    state = load_checkpoint(ckpt, model, optimizer, run.rank, method_schedule)
+    position_schedule(scheduler, optimizer, ckpt.step)
+    if run.rank == 0:
+        print(f"resumed from {ckpt.path} at step {ckpt.step}, lr {optimizer.param_groups[0]['lr']:.3g}")
+    return {**state, "path": ckpt.path}
+
+
+def position_schedule(scheduler, optimizer, step: int) -> None:
+    """Set a LambdaLR (and its optimizer's learning rates) to where it is after `step` steps.
+
+    The same arithmetic as `scheduler.step()` (base lr times the multiplier of `step`), so a resumed
+    run with unchanged settings repeats the uninterrupted run's learning rates bit for bit.
+    """
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
+
+
+def _checkpoint_to_resume(resume, output_dir: Path) -> Checkpoint | None:
+    """The named checkpoint (no fallback), or output_dir's newest complete one (with a warning on skips)."""
+    if resume is not True:
+        return read_checkpoint(resume)
+    ckpt, skipped = find_resumable(output_dir)
+    if ckpt is None and skipped:
+        raise CheckpointError(f"no complete checkpoint in {output_dir} to resume from: {'; '.join(skipped)}. "
+                              "Start a fresh run with overwrite=True, or resume from a copy of a good one")
+    if skipped:
+        warnings.warn(f"resuming from {ckpt.path} (step {ckpt.step}) instead of a newer checkpoint: "
+                      f"{'; '.join(skipped)}", stacklevel=4)
+    return ckpt
+
+
+def _check_adapter(ckpt: Checkpoint, model) -> None:
+    """Refuse a model whose adapter config differs from the one the checkpoint was trained with."""
+    live = json.loads(json.dumps(get_state(model).config.to_dict()))  # tuples -> lists, as saved
+    saved = json.loads(json.dumps(ckpt.adapter_config))
+    differ = [f"{k}: {saved.get(k)!r} then, {live.get(k)!r} now" for k in sorted(set(saved) | set(live))
+              if saved.get(k) != live.get(k)]
+    if differ:
+        raise CheckpointError(f"{ckpt.path} was trained with another adapter config ({'; '.join(differ)}); resume "
+                              "with the config it was trained with, or start a fresh run (overwrite=True or "
+                              "another output_dir)")
+
+
+def _warn_changes(ckpt: Checkpoint, cfg: TrainConfig, run: Dist, n: int) -> None:
+    """Warn about a changed schedule or data order: allowed, but the run is not the interrupted one."""
+    saved_cfg = ckpt.meta.get("train_config") or {}
+    schedule = {k: (saved_cfg[k], getattr(cfg, k)) for k in SCHEDULE_FIELDS
+                if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)}
+    if schedule:
+        shown = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in schedule.items())
+        warnings.warn(f"resuming {ckpt.path} with a changed schedule ({shown}): from step {ckpt.step} on the "
+                      "learning rate follows the current settings", stacklevel=4)
+    saved_data = ckpt.meta["data"]
+    changed = {k: (v, saved_data.get(k)) for k, v in data_key(cfg, run, n).items() if saved_data.get(k) != v}
+    if changed:
+        warnings.warn(f"resuming from {ckpt.path} with changed {changed} (now, saved): the data order will "
+                      "differ from the interrupted run's", stacklevel=4)
