@@ -3,16 +3,42 @@
     peftkit demo [--task text|lm|vision] [--methods lora,dora] [--quick]
     peftkit train config.yaml [--key value ...] [--resume]   (`--help` documents every field)
     peftkit methods [--model PATH]
-    peftkit merge --base PATH --adapter DIR --out DIR
-    peftkit export --adapter DIR --format peft --out DIR [--base PATH]
+    peftkit merge --base PATH --adapter DIR --out DIR [--task T]
+    peftkit export --adapter DIR --format peft --out DIR [--base PATH] [--task T]
+
+A user error (a bad config value, data row, adapter or checkpoint file, a missing path) prints one
+line, `peftkit: error: <what was wrong and what to do>`, and exits with status 2; `--debug` shows the
+traceback instead. Any other exception is a bug in peftkit: it keeps its traceback (status 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
+
+USER_ERROR_EXIT = 2  # as argparse's usage errors: the input has to change, not peftkit
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception classes that report a person's mistake (shown as one line), not a peftkit bug.
+
+    Imported lazily: `peftkit --help` should not pay for torch.
+    """
+    import yaml
+
+    from .core.config import ConfigError
+    from .core.io import AdapterFileError
+    from .core.layer import MergeError
+    from .train.checkpoint import CheckpointError
+    from .train.loop import NonFiniteLossError
+    from .train.records import DataError
+
+    return (ConfigError, AdapterFileError, MergeError, CheckpointError, NonFiniteLossError, DataError,
+            yaml.YAMLError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            FileExistsError)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -80,24 +106,68 @@ def _count_on(model, config_cls) -> str:
     return count
 
 
-def _load_base(name_or_path: str, task: str | None = None):
-    from .train.models import load_model
-    from .train.vision import is_vision_model_dir
+def _load_base(name_or_path: str):
+    """A base model for `peftkit methods --model`: its own task where it says, else a causal LM."""
+    from .train.models import base_task, load_model
 
-    if task is None and is_vision_model_dir(name_or_path):
-        task = "image-classification"
-    task = task or ("classification" if name_or_path == "minilm" else "causal-lm")
-    return load_model(name_or_path, task)
+    return load_model(name_or_path, base_task(name_or_path) or "causal-lm")
 
 
 def _base_for_adapter(adapter: Path, base: str | None, task: str | None):
+    """The base model (and tokenizer) an adapter directory belongs to, built for the adapter's task."""
+    from .train.models import load_model
+
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"no adapter directory at {adapter}")
     if base is None:
         meta_path = adapter / "peftkit_adapter.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        base = meta.get("base_model")
+        base = meta.get("base_model") if isinstance(meta, dict) else None
         if not base:
-            raise SystemExit(f"{adapter} does not record its base model; pass --base PATH")
-    return _load_base(base, task)
+            raise _config_error(f"{adapter} does not record its base model; pass --base PATH")
+    task, num_labels = adapter_task(adapter, base, task)
+    return load_model(base, task, num_labels=num_labels)
+
+
+def adapter_task(adapter: Path, base: str, task: str | None) -> tuple[str, int | None]:
+    """(task, head classes) of an adapter: `--task`, else the run's task.json, else the base's config.
+
+    Guessing "causal-lm" for a classifier built the wrong model and failed later on the head's keys,
+    or merged into a 2-class head what a 5-class run trained: the task and class count are read from
+    what the run wrote, and where nothing tells, `--task` is required.
+    """
+    from .train.models import base_task, saved_task
+
+    saved = saved_task(adapter)
+    if task is not None and saved is not None and task != saved["task"]:
+        raise _config_error(f"--task {task}, but {adapter} was trained for {saved['task']!r} (its task.json); "
+                            "leave --task out or name that task")
+    found = task or (saved or {}).get("task") or base_task(base)
+    if found is None:
+        raise _config_error(f"cannot tell which task {adapter} was trained for (no task.json, and {base!r} does not "
+                            "say); pass --task classification, causal-lm or image-classification")
+    return found, (saved or {}).get("num_labels") if found == (saved or {}).get("task") else None
+
+
+def _config_error(message: str) -> Exception:
+    from .core.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _copy_task_file(adapter: Path, out: Path, model=None) -> None:
+    """Keep the run's task.json with what was written, and its label names in a merged model's config."""
+    from .train.models import TASK_FILE, saved_task
+
+    saved = saved_task(adapter)
+    if saved is None:
+        return
+    shutil.copyfile(adapter / TASK_FILE, out / TASK_FILE)
+    names = saved.get("label_names")
+    config = getattr(model, "config", None)
+    if names and config is not None and hasattr(config, "id2label"):
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -106,6 +176,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     model, tokenizer = _base_for_adapter(Path(args.adapter), args.base, args.task)
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     plain = peftkit.unload(peftkit.merge(model))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    _copy_task_file(Path(args.adapter), Path(args.out), plain)
     plain.save_pretrained(args.out)
     if tokenizer is not None:  # vision models have none
         tokenizer.save_pretrained(args.out)  # the merged directory loads on its own
@@ -119,47 +191,72 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model, _ = _base_for_adapter(Path(args.adapter), args.base, args.task)
     peftkit.load(model, args.adapter, allow_different_base=args.allow_different_base)
     peftkit.save(model, args.out, format=args.format)
+    _copy_task_file(Path(args.adapter), Path(args.out))
     print(f"{args.format} adapter written to {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.split("\n")[0])
+    debug_help = "show the traceback of a user error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    debug = argparse.ArgumentParser(add_help=False)  # also accepted after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fine-tune several methods offline and compare them")
+    demo = sub.add_parser("demo", parents=[debug], help="fine-tune several methods offline and compare them")
     demo.add_argument("--task", choices=["text", "lm", "vision"], default="text")
     demo.add_argument("--methods", help="comma-separated subset of the demo's methods, or 'all' (default: the task's default set)")
     demo.add_argument("--steps", type=int, help="training steps per method (default: the task's budget)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
     demo.add_argument("--out", default="runs/demo", help="output directory")
-    train = sub.add_parser("train", add_help=False, help="fine-tune a model from a YAML config")
+    train = sub.add_parser("train", parents=[debug], add_help=False, help="fine-tune a model from a YAML config")
     train.add_argument("config", nargs="?")
     train.add_argument("-h", "--help", action="store_true")
-    methods = sub.add_parser("methods", help="list registered methods")
+    methods = sub.add_parser("methods", parents=[debug], help="list registered methods")
     methods.add_argument("--model", help="also count trainable parameters on this model")
     methods.add_argument("--markdown", action="store_true", help="print the README's method table")
     for name, text in (("merge", "merge an adapter into its base"), ("export", "convert an adapter's format")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, parents=[debug], help=text)
         p.add_argument("--adapter", required=True)
         p.add_argument("--out", required=True)
         p.add_argument("--base", help="base model: path, Hub name, minilm, smollm2, vit-fmnist or cnn-fmnist "
                        "(default: the one the adapter records)")
         p.add_argument("--allow-different-base", action="store_true")
         p.add_argument("--task", choices=["classification", "causal-lm", "image-classification"],
-                       help="default: guessed from the base")
+                       help="default: the task.json the run wrote, else the base's config; required when neither tells")
         if name == "export":
             p.add_argument("--format", default="peft", choices=["peft", "peftkit"])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"demo": _cmd_demo, "methods": _cmd_methods, "merge": _cmd_merge, "export": _cmd_export}
-    if args.command == "train":
-        return _cmd_train(args, extra)
-    return handlers[args.command](args)
+    try:
+        if args.command == "train":
+            return _cmd_train(args, extra)
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("peftkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug or not isinstance(err, user_errors()):
+            raise
+        print(f"peftkit: error: {one_line(err)}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (no class name: the message says what was wrong)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError) and err.filename:
+        text = f"{err.strerror}: {err.filename}"  # not "[Errno 2] No such file or directory: 'x'"
+    return text
 
 
 if __name__ == "__main__":
