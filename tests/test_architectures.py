@@ -201,9 +201,9 @@ def test_ia3_fused_split_saves_loads_and_merges(tmp_path):
 
 
 def test_llama_adapter_refuses_other_attention_naming_method_and_architecture():
-    with pytest.raises(peftkit.ConfigError, match="llama-adapter .*Phi3Attention.*qkv_proj"):
+    with pytest.raises(peftkit.ConfigError, match="llama-adapter .*Phi3Attention of a phi3 model.*qkv_proj"):
         peftkit.apply(MODELS["phi3"](), LlamaAdapterConfig())
-    with pytest.raises(peftkit.ConfigError, match="llama-adapter .*GPTNeoXAttention.*query_key_value"):
+    with pytest.raises(peftkit.ConfigError, match="llama-adapter .*GPTNeoXAttention of a gpt_neox model.*query_key_v"):
         peftkit.apply(MODELS["gpt_neox"](), LlamaAdapterConfig())
 
 
@@ -287,3 +287,11 @@ def test_position_limits():
     assert architectures.position_limit(MODELS["roberta"]()) == (126, True)
     assert architectures.position_limit(MODELS["llama"]()) == (128, False)
     assert architectures.position_limit(MODELS["t5"]()) is None
+
+
+def test_prefix_tuning_refuses_an_encoder_decoder_at_apply():
+    """T5 failed mid-forward with transformers' "specify exactly one of input_ids or inputs_embeds"."""
+    model = MODELS["t5"]()
+    with pytest.raises(peftkit.ConfigError, match="prefix-tuning .*T5ForConditionalGeneration.*encoder-decoder"):
+        peftkit.apply(model, PrefixTuningConfig(num_virtual_tokens=3))
+    assert not peftkit.has_adapter(model)

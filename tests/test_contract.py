@@ -98,6 +98,46 @@ class Row:
 
 
 LLM = ("llama", "gpt2", "bert")
+
+# The families of issue 13 (tests/tiny_models.py ARCHITECTURES): not the full cross product (it would
+# triple the matrix's time), but each family with the methods whose defaults are roles, so that a fused
+# q/k/v split, a missing MLP module or a position offset shows up here, plus one LoRA and one prompt row each.
+ARCHITECTURE_ROWS = [
+    *[Row(lambda: peftkit.IA3Config(), m, ia3_count, id=f"ia3-{m}")  # fused q/k/v: per head, q|k|v, multi-query
+      for m in ("gpt_neox", "phi3", "bloom", "falcon", "opt", "roberta", "t5")],
+    *[Row(lambda: HydraConfig(r=2, seq_r=2), m, hydra_count, id=f"hydra-{m}") for m in ("opt", "deberta_v2")],
+    Row(lambda: DiffFitConfig(), "phi3", difffit_count, id="difffit-phi3"),
+    *[Row(lambda k=k: BottleneckConfig(kind=k, bottleneck=4), m, bottleneck_count, mergeable=False,
+          id=f"adapter-{k}-{m}") for k, m in (("houlsby", "gpt_neox"), ("parallel", "gemma2"))],
+    *[Row(lambda: LoFiTConfig(heads=[[0, 1], [1, 3]]), m, lofit_count, id=f"lofit-{m}") for m in ("gpt_neox", "roberta")],
+    *[Row(lambda: LlamaAdapterConfig(adapter_len=3), m, llama_adapter_count, mergeable=False, id=f"llama-adapter-{m}")
+      for m in ("qwen2", "gemma2")],  # grouped-query attention with q/k/v biases; Gemma 2's query scale
+    *[Row(lambda: peftkit.LoRAConfig(r=2, alpha=4), m, lora_count, id=f"lora-{m}") for m in ("phi3", "falcon")],
+    *[Row(lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3), m, prompt_count, identity_at_init=False,
+          mergeable=False, id=f"prompt-tuning-{m}") for m in ("opt", "roberta")],  # learned positions, offsets
+    Row(lambda: PrefixTuningConfig(num_virtual_tokens=3), "gpt_neox", prefix_count, identity_at_init=False,
+        mergeable=False, id="prefix-tuning-gpt_neox"),
+]
+ROWS = [
+    *[Row(lambda: peftkit.IA3Config(), m, ia3_count, id=f"ia3-{m}")
+      for m in ("gpt_neox", "phi3", "qwen2", "gemma2", "opt", "bloom", "falcon", "roberta", "deberta_v2", "t5")],
+    *[Row(lambda: HydraConfig(r=2, seq_r=2), m, hydra_count, id=f"hydra-{m}") for m in ("gpt_neox", "opt", "t5")],
+    *[Row(lambda: DiffFitConfig(), m, difffit_count, id=f"difffit-{m}") for m in ("phi3", "bloom", "roberta")],
+    *[Row(lambda k=k: BottleneckConfig(kind=k, bottleneck=4), m, bottleneck_count, mergeable=False,
+          id=f"adapter-{k}-{m}") for k, m in (("houlsby", "gpt_neox"), ("parallel", "gemma2"), ("pfeiffer", "t5"))],
+    *[Row(lambda: LoFiTConfig(heads=[[0, 1], [1, 3]]), m, lofit_count, merge_adds_bias=m in ("phi3", "qwen2"),
+          id=f"lofit-{m}") for m in ("gpt_neox", "phi3", "roberta")],
+    Row(lambda: LlamaAdapterConfig(adapter_len=3), "qwen2", llama_adapter_count, mergeable=False,
+        id="llama-adapter-qwen2"),
+    Row(lambda: LlamaAdapterConfig(adapter_len=3), "gemma2", llama_adapter_count, mergeable=False,
+        id="llama-adapter-gemma2"),
+    *[Row(lambda: peftkit.LoRAConfig(r=2, alpha=4), m, lora_count, id=f"lora-{m}")
+      for m in ("phi3", "falcon", "deberta_v2", "t5")],
+    *[Row(lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3), m, prompt_count, identity_at_init=False,
+          mergeable=False, id=f"prompt-tuning-{m}") for m in ("opt", "roberta")],
+    Row(lambda: PrefixTuningConfig(num_virtual_tokens=3), "gpt_neox", prefix_count, identity_at_init=False,
+        mergeable=False, id="prefix-tuning-gpt_neox"),
+]
 ROWS = [
     *[Row(lambda: peftkit.LoRAConfig(r=4, alpha=8), m, lora_count) for m in ("mlp", *LLM)],
     Row(lambda: peftkit.LoRAConfig(r=2, targets=["conv1", "conv2"]), "cnn", lora_count),
@@ -190,6 +230,7 @@ ROWS = [
     Row(lambda: spt_planned("mlp", budget=150), "mlp", spt_count),
     Row(lambda: spt_planned("gpt2", budget=400), "gpt2", spt_count),
     Row(lambda: VQTConfig(num_queries=2), "vit", vqt_count, identity_at_init=False, mergeable=False),
+    *ARCHITECTURE_ROWS,
 ]
 
 

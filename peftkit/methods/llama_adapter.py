@@ -191,7 +191,8 @@ def build(module: nn.Module, cfg: LlamaAdapterConfig, name: str) -> AdaptedAtten
         why = f"lacks {', '.join(missing)}" if missing else "normalises its queries (q_norm)"
         why += f" (it fuses q, k, v into one `{fused}`)" if fused else ""
         raise ConfigError(f"llama-adapter wraps Llama-style attention (q_proj, k_proj, v_proj, o_proj, rotary "
-                          f"embeddings: Llama, SmolLM2, Mistral, Qwen2); {name} ({type(module).__name__}) {why}")
+                          f"embeddings: Llama, SmolLM2, Mistral, Qwen2, Gemma 2); {name} ({type(module).__name__} of a "
+                          f"{getattr(getattr(module, 'config', None), 'model_type', 'non-transformers')} model) {why}")
     n_layers = module.config.num_hidden_layers
     top = n_layers if cfg.adapter_layers is None else cfg.adapter_layers
     if top > n_layers:

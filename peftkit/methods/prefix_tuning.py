@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from ..core import peft_format
+from ..core.architectures import describe
 from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer
 from ..core.registry import register
@@ -329,6 +330,9 @@ def check_fits(model: nn.Module, cfg: PrefixTuningConfig) -> None:
     """Refuse a prefix that leaves no room for real tokens, or a model that checkpoints gradients (a prefix
     that leaves too little room in absolute positions: `check_room`)."""
     config = _text_config(model)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(f"prefix-tuning fills one self-attention KV cache (decoder-only and encoder-only models); "
+                          f"{describe(model)} is an encoder-decoder model: use prompt tuning or LoRA")
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit is not None and cfg.num_virtual_tokens >= limit:
         raise ConfigError(f"a prefix of {cfg.num_virtual_tokens} tokens does not fit {type(model).__name__}'s "
