@@ -120,13 +120,26 @@ def _base_for_adapter(adapter: Path, base: str | None, task: str | None):
     if not adapter.is_dir():
         raise FileNotFoundError(f"no adapter directory at {adapter}")
     if base is None:
-        meta_path = adapter / "peftkit_adapter.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        base = meta.get("base_model") if isinstance(meta, dict) else None
+        base = _recorded_base(adapter)
         if not base:
             raise _config_error(f"{adapter} does not record its base model; pass --base PATH")
     task, num_labels = adapter_task(adapter, base, task)
     return load_model(base, task, num_labels=num_labels)
+
+
+def _recorded_base(adapter: Path) -> str | None:
+    """The base model an adapter directory names (peftkit's `base_model`, peft's `base_model_name_or_path`)."""
+    for name, key in (("peftkit_adapter.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        path = adapter / name
+        if path.is_file():
+            try:
+                meta = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise _config_error(f"{path} is not valid JSON ({err}); pass --base PATH or save the adapter "
+                                    "again") from err
+            value = meta.get(key) if isinstance(meta, dict) else None
+            return value if isinstance(value, str) else None
+    return None
 
 
 def adapter_task(adapter: Path, base: str, task: str | None) -> tuple[str, int | None]:

@@ -267,3 +267,12 @@ def test_the_task_comes_from_the_base_or_must_be_given(named_run, tiny_bert_dir,
         adapter_task(bare, "some-org/some-model", None)
     assert adapter_task(bare, "some-org/some-model", "causal-lm") == ("causal-lm", None)
     assert adapter_task(adapter, "some-org/some-model", None) == ("classification", 3)
+
+
+def test_merge_of_a_corrupt_adapter_is_one_line(named_run, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "peftkit_adapter.json").write_text('{"base_model": "x", "config": ')
+    assert main(["merge", "--adapter", str(broken), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("peftkit: error: ") and "peftkit_adapter.json is not valid JSON" in err and "\n" not in err
