@@ -15,7 +15,7 @@ import torch
 import peftkit
 from peftkit.core.config import ConfigError
 from peftkit.core.io import adapter_state_dict
-from peftkit.train import finite
+from peftkit.train import finite, loop
 from peftkit.train.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 from peftkit.train.distributed import Dist
 from peftkit.train.loop import NonFiniteLossError, TrainConfig, linear_schedule, train
@@ -25,6 +25,13 @@ from tiny_models import tiny_llama
 from train_toy import lora_classifier, stack, toy_config, toy_data
 
 INF, NAN = float("inf"), float("nan")
+
+
+@pytest.fixture(autouse=True)
+def _no_loss_plot(request, monkeypatch):
+    """Drawing loss.png is most of a toy run's time; only the permissions test needs the real file."""
+    if "umask" not in request.node.name:
+        monkeypatch.setattr(loop, "plot_loss", lambda metrics, path: None)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -311,6 +318,16 @@ def test_a_fresh_run_in_a_used_output_dir_is_refused_unless_resume_or_overwrite(
                                                                         overwrite=True), stack)
     assert metrics["steps"] == 4 and sorted(p.name for p in tmp_path.glob("checkpoint-0*")) == [
         "checkpoint-000002", "checkpoint-000004"]
+
+
+def test_without_overwrite_a_fresh_run_deletes_nothing(tmp_path):
+    """Files a run also writes, but that no run left here (no checkpoints, no metrics.json), stay."""
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "notes.txt").write_text("mine")
+    (tmp_path / "checkpoint-best").mkdir()
+    cfg = toy_config(tmp_path, max_steps=2, save_every=0, eval_every=0, save_adapter=False)
+    assert train(lora_classifier(), toy_data(32), None, cfg, stack)["status"] == "completed"
+    assert (tmp_path / "adapter" / "notes.txt").read_text() == "mine" and (tmp_path / "checkpoint-best").is_dir()
 
 
 def test_the_cli_refuses_a_used_output_dir_before_loading_and_names_both_flags(tmp_path, capsys):

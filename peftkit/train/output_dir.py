@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +50,11 @@ def claim(output_dir: str | os.PathLike) -> Iterator[None]:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 raise OutputDirError(f"another run is using output_dir {output_dir} (pid {holder}); wait for it "
                                      "to finish, stop it, or give this run another output_dir") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except OSError as err:  # a filesystem without flock (some network mounts): train unlocked
+                warnings.warn(f"cannot lock {path} ({err}); make sure no other run uses {output_dir}", stacklevel=3)
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
