@@ -22,7 +22,7 @@ from peftkit.core import weights
 from peftkit.core.apply import get_state
 
 from test_contract import ROWS
-from tiny_models import MODELS, example_inputs, output_of, tiny_gpt2, tiny_llama
+from tiny_models import MODELS, example_inputs, output_of, tiny_gemma2, tiny_gpt2, tiny_llama
 
 # --- what "exactly as before" means -----------------------------------------------------------------------------
 
@@ -297,6 +297,8 @@ TIED = [
     ("gpt2-lora-wte", tiny_gpt2, "gpt2", lambda: peftkit.LoRAConfig(r=4, targets=["wte", "c_attn"])),
     ("gpt2-lora-lm_head", tiny_gpt2, "gpt2", lambda: peftkit.LoRAConfig(r=4, targets=["lm_head"])),
     ("gpt2-both", tiny_gpt2, "gpt2", lambda: peftkit.LoRAConfig(r=4, targets=["lm_head", "wte"])),
+    # Gemma scales its embeddings in forward: the unmerged update is scaled like the merged one
+    ("gemma2-lora-input-embeddings", tiny_gemma2, "llama", lambda: peftkit.LoRAConfig(r=4, targets="input-embeddings")),
 ]
 
 
@@ -427,3 +429,16 @@ def test_dora_zero_row_equals_peft_where_peft_is_finite():
         assert torch.isfinite(mine).all() and finite.any()
         assert trained or not finite.all()  # peft: 0 / 0 on the zero row at init
         torch.testing.assert_close(mine[finite], reference[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_on_a_scaled_embedding_equals_peft():
+    peft = pytest.importorskip("peft")
+    inputs = example_inputs("llama")
+    ours = peftkit.apply(tiny_gemma2(), peftkit.LoRAConfig(r=4, alpha=8, targets=["embed_tokens"]))
+    theirs = peft.get_peft_model(tiny_gemma2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"]))
+    _perturb(ours)
+    layer = theirs.base_model.model.model.embed_tokens
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].copy_(ours.model.embed_tokens.lora_A)
+        layer.lora_embedding_B["default"].copy_(ours.model.embed_tokens.lora_B)
+        torch.testing.assert_close(output_of(ours, inputs), output_of(theirs, inputs), atol=1e-5, rtol=0)

@@ -289,7 +289,13 @@ class LoRAEmbedding(LoRALayer):
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         e = self.base
         h = F.embedding(x, self.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
-        return y + F.linear(h, self.lora_B * self.scaling).to(y.dtype)  # (..., dim)
+        # a scaled embedding (Gemma's: W[x] * embed_scale in its forward) scales the update too, as merging
+        # it into W does (peft likewise)
+        b = self.lora_B * self.scaling
+        scale = getattr(e, "embed_scale", None)
+        if scale is not None and torch.as_tensor(scale).numel() == 1:
+            b = b * torch.as_tensor(scale, device=b.device).to(b.dtype)
+        return y + F.linear(h, b).to(y.dtype)  # (..., dim)
 
 
 class LoRAConv2d(LoRALayer):
