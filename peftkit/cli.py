@@ -1,7 +1,7 @@
 """Command line: `peftkit demo | train | methods | merge | export`.
 
     peftkit demo [--task text|lm|vision] [--methods lora,dora] [--quick]
-    peftkit train config.yaml [--key value ...] [--resume]   (`--help` documents every field)
+    peftkit train config.yaml [--key value ...] [--resume | --overwrite]   (`--help` documents every field)
     peftkit methods [--model PATH]
     peftkit merge --base PATH --adapter DIR --out DIR [--task T]
     peftkit export --adapter DIR --format peft --out DIR [--base PATH] [--task T]
@@ -55,9 +55,9 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.help or args.config is None:
         print(config_help())
         return 0
-    resume = "--resume" in extra
-    cfg = load_run_config(args.config, [e for e in extra if e != "--resume"])
-    run(cfg, resume=resume)
+    flags = {flag for flag in ("--resume", "--overwrite") if flag in extra}  # bare flags, not --key value pairs
+    cfg = load_run_config(args.config, [e for e in extra if e not in flags])
+    run(cfg, resume="--resume" in flags, overwrite="--overwrite" in flags)
     return 0
 
 

@@ -25,6 +25,7 @@ from .images import DATASETS as IMAGE_DATASETS
 from .images import image_dataset
 from .loop import Dist, evaluate, micro_batches, train
 from .models import TASK_FILE, head_size, load_model, max_positions
+from .output_dir import check_fresh
 from .records import DataError, read_records, source_of
 from .run_config import (  # noqa: F401  (re-exported: `from peftkit.train.run import load_run_config` works)
     CLASSIFICATION_TASKS,
@@ -130,17 +131,24 @@ def calibrated(adapter_cfg: Any, model, train_data, collate_fn, cfg: RunConfig) 
         return calibrate(model, adapter_cfg, batches)
 
 
-def run(cfg: RunConfig, *, resume: bool = False) -> dict:
-    """Load, adapt, train, test and save; returns metrics (also in output_dir/metrics.json)."""
+def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Load, adapt, train, test and save; returns metrics (also in output_dir/metrics.json).
+
+    `resume` continues the run in `output_dir`; `overwrite` (or `train.overwrite`) lets a fresh run
+    replace another run's files there. Without either, a used output_dir is refused before the model
+    is loaded (and again, under its lock, by `train`).
+    """
     import torch
 
+    overwrite = overwrite or cfg.train.overwrite
+    check_fresh(cfg.train.output_dir, resume, overwrite)  # fail in a second, not after loading the model
     torch.manual_seed(cfg.train.seed)  # a fresh head and the adapter's init are part of the run: reproducible
     model, data, collate_fn = _model_and_data(cfg)
     testing = data["test"] is not None and int(os.environ.get("RANK", "0")) == 0
     before = _test(model, data["test"], collate_fn, cfg, "before") if testing and cfg.data.test_before_training else None
     apply(model, calibrated(adapter_config(cfg, model), model, data["train"], collate_fn, cfg))
     print_summary(model, max_rows=12)
-    metrics = train(model, data["train"], data["eval"], cfg.train, collate_fn, resume=resume)
+    metrics = train(model, data["train"], data["eval"], cfg.train, collate_fn, resume=resume, overwrite=overwrite)
     if testing:
         metrics["test"] = _test(model, data["test"], collate_fn, cfg, "after")
         metrics["test_before"] = before or {}
