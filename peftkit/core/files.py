@@ -26,6 +26,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask applies, as for open()
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         write(str(tmp))
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors makes its own, 0600) loses its mode
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)

@@ -64,7 +64,7 @@ def _variants(dtype: str) -> list[str]:
 
 @functools.lru_cache(maxsize=64)
 def _probe(n: int, seed: int) -> torch.Tensor:
-    """(n, 2) float64 in [-1, 1): splitmix64 of (position, seed, column); no torch RNG involved."""
+    """(2, n) float64 in [-1, 1): splitmix64 of (position, seed); no torch RNG involved."""
     with np.errstate(over="ignore"):
         x = np.arange(2 * n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x632BE59BD9B4E019)
         z = x + np.uint64(0x9E3779B97F4A7C15)
@@ -72,21 +72,23 @@ def _probe(n: int, seed: int) -> torch.Tensor:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     uniform = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return torch.from_numpy(2.0 * uniform - 1.0).reshape(n, 2)
+    return torch.from_numpy(2.0 * uniform - 1.0).reshape(2, n)
 
 
 def _numbers(w: torch.Tensor, dtype: str | None) -> list[float]:
     """[||W||, u1'Wv1/||W||, u2'Wv2/||W||] of `w` (2-D), rounded to `dtype` first when given."""
     u, v = _probe(w.shape[0], 1).to(w.device), _probe(w.shape[1], 2).to(w.device)
     rows = max(1, CHUNK // max(w.shape[1], 1))
-    square, proj = 0.0, torch.zeros(2, dtype=torch.float64, device=w.device)
+    square, proj = 0.0, [0.0, 0.0]
     for start in range(0, w.shape[0], rows):
         block = w[start:start + rows]
-        block = (block.to(getattr(torch, dtype)) if dtype else block).double()
-        square += float((block * block).sum())
-        proj += ((block @ v) * u[start:start + rows]).sum(0)  # (rows, 2) -> (2,)
+        block = (block.to(getattr(torch, dtype)) if dtype else block).double()  # (rows, columns)
+        flat = block.reshape(-1)
+        square += float(torch.dot(flat, flat))
+        for k in range(2):  # two matrix-vector products: faster than one (rows, columns) @ (columns, 2)
+            proj[k] += float(torch.dot(torch.mv(block, v[k]), u[k, start:start + rows]))
     norm = math.sqrt(square)
-    scaled = [float(p) / norm if norm > 0 else 0.0 for p in proj]
+    scaled = [p / norm if norm > 0 else 0.0 for p in proj]
     return [float(f"{norm:.10g}"), *(round(p, 10) for p in scaled)]
 
 

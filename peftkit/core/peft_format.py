@@ -65,14 +65,15 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 DIGEST_KEY = "peftkit_config_sha256"
 """Metadata key of the weights file: sha256 of the adapter_config.json saved with them."""
 
-FIELD_TYPES = {"peft_type": str, "task_type": (str, type(None)), "r": int, "lora_alpha": (int, float),
-               "lora_dropout": (int, float), "target_modules": (str, list, type(None)),
-               "exclude_modules": (str, list, type(None)), "modules_to_save": (list, type(None)),
-               "layers_to_transform": (int, list, type(None)), "rank_pattern": (dict, type(None)),
-               "alpha_pattern": (dict, type(None)), "use_rslora": bool, "use_dora": bool,
-               "init_lora_weights": (bool, str), "num_virtual_tokens": int, "feedforward_modules": (str, list, type(None)),
-               "init_weights": (bool, str)}
-"""JSON types of the fields peft configs share, checked before any config class reads them."""
+NONE = type(None)
+FIELD_TYPES = {"peft_type": str, "task_type": (str, NONE), "r": (int, NONE), "lora_alpha": (int, float, NONE),
+               "lora_dropout": (int, float), "target_modules": (str, list, NONE), "exclude_modules": (str, list, NONE),
+               "modules_to_save": (str, list, NONE), "layers_to_transform": (int, list, NONE),
+               "rank_pattern": (dict, NONE), "alpha_pattern": (dict, NONE), "use_rslora": bool, "use_dora": bool,
+               "init_lora_weights": (bool, str), "num_virtual_tokens": int, "feedforward_modules": (str, list, NONE),
+               "init_weights": (bool, str, NONE)}
+"""JSON types of fields many peft configs share (the union of their annotations in peft 0.21.2), checked
+before any config class reads them; a bool is not accepted for a number."""
 
 ANY_VALUE = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision",
              "inference_mode", "task_type")
@@ -215,7 +216,8 @@ def peft_layers(data: dict[str, Any]) -> list[int] | None:
 
 def peft_saved_modules(data: dict[str, Any]) -> list[str]:
     """modules_to_save without the duplicates peft adds for classification tasks."""
-    return list(dict.fromkeys(data.get("modules_to_save") or []))
+    saved = data.get("modules_to_save") or []
+    return list(dict.fromkeys([saved] if isinstance(saved, str) else saved))
 
 
 # --- reading -----------------------------------------------------------------------------------
