@@ -224,7 +224,7 @@ def test_non_finite_scales_in_files_are_refused(tmp_path, fmt, field, literal):
     path.write_text(json.dumps(meta).replace("12345.0", literal))  # JSON as Python writes NaN/Infinity
     if fmt == "peft":
         _drop_config_digest(tmp_path)
-    _refused(tmp_path, peftkit.ConfigError, f"{path.name}.*LoRAConfig.{field.removeprefix('lora_')} must be a finite")
+    _refused(tmp_path, peftkit.ConfigError, f"{path.name}.*{field.removeprefix('lora_')}.*(finite|got -?(inf|nan))")
 
 
 def _drop_config_digest(directory):
@@ -246,11 +246,11 @@ def _float_fields():
 
 @pytest.mark.parametrize("cls, name", list(_float_fields()))
 def test_every_float_field_refuses_non_finite_values(cls, name):
-    for value in (float("nan"), float("inf")):
-        with pytest.raises(peftkit.ConfigError, match=f"{cls.__name__}.{name} must be a finite number"):
-            cls(**{name: value})
-        with pytest.raises(peftkit.ConfigError, match=f"{cls.__name__}.{name} must be a finite number"):
-            cls.from_dict({name: value})
+    """The method's own range check may speak first ("dropout must be in [0, 1)"); either names the field."""
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for make in (lambda: cls(**{name: value}), lambda: cls.from_dict({name: value})):
+            with pytest.raises(peftkit.ConfigError, match=f"{name}.*(finite|got .*(nan|inf))"):
+                make()
 
 
 def test_non_finite_values_inside_patterns_are_refused():
@@ -261,11 +261,11 @@ def test_non_finite_values_inside_patterns_are_refused():
 # --- wrong JSON types name the file and the field ---------------------------------------------
 @pytest.mark.parametrize("edit, error, match", [
     (lambda m: m["config"].update(r="eight"), peftkit.ConfigError, r"LoRAConfig.r must be a number"),
-    (lambda m: m["config"].update(r=1.5), peftkit.ConfigError, r"LoRAConfig.r must be an integer, got 1.5"),
+    (lambda m: m["config"].update(r=1.5), peftkit.ConfigError, r"rank must be a positive integer, got r=1.5"),
     (lambda m: m["config"].update(r=True), peftkit.ConfigError, r"LoRAConfig.r must be a number"),
     (lambda m: m["config"].update(targets=5), peftkit.ConfigError, r"LoRAConfig.targets must be"),
     (lambda m: m["config"].update(targets=[1, 2]), peftkit.ConfigError, r"LoRAConfig.targets"),
-    (lambda m: m["config"].update(layers="0"), peftkit.ConfigError, r"LoRAConfig.layers must be"),
+    (lambda m: m["config"].update(layers="0"), peftkit.ConfigError, r"layers must be"),
     (lambda m: m["config"].update(rank_pattern=[]), peftkit.ConfigError, r"LoRAConfig.rank_pattern must be"),
     (lambda m: m["config"].update(rslora="no"), peftkit.ConfigError, r"LoRAConfig.rslora must be true or false"),
     (lambda m: m["config"].update(method=5), peftkit.ConfigError, r"unknown method 5"),

@@ -65,10 +65,16 @@ class AdapterConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
-        check_field_types(self)
-        if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
-            raise ConfigError(f"layers must be non-negative integers, got {self.layers!r}")
-        self.validate()
+        try:  # the method's own checks first: their messages say what the value means ("r must be positive")
+            if self.layers is not None and any(not isinstance(i, int) or i < 0 for i in self.layers):
+                raise ConfigError(f"layers must be non-negative integers, got {self.layers!r}")
+            self.validate()
+        except ConfigError:
+            raise
+        except Exception:  # a check that tripped over a value of the wrong type ("eight" < 1): name the field
+            check_field_types(self)
+            raise
+        check_field_types(self)  # what the method does not check: types, 1.5 for an int, NaN or infinity
 
     def validate(self) -> None:
         """Raise `ConfigError` for invalid values; subclasses extend it and call super()."""
@@ -120,9 +126,9 @@ def check_field_types(cfg: AdapterConfig) -> None:
 
     Why here, for every config: values come from JSON, YAML and peft's adapter_config.json as well as
     from Python, and a wrong type would otherwise surface as a TypeError deep inside a method. Integers
-    are accepted for float fields, and integral floats (8.0) for int fields; 1.5 for an int field, a
-    bool for a number and NaN or infinity anywhere are refused. Values are normalised in place (tuples
-    become lists, numbers plain int/float) so that `to_dict` stays JSON.
+    are accepted for float fields; a float (even 8.0) for an int field, a bool for a number and NaN or
+    infinity anywhere are refused. Values are normalised in place (tuples become lists, numpy numbers
+    plain int/float) so that `to_dict` stays JSON.
     """
     hints = _type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
@@ -176,9 +182,7 @@ def _scalar(value: Any, hint: Any, where: str) -> Any:
     if hint is float:
         return _finite(float(value), where)
     if hint is int:
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        if not math.isfinite(value) or value != int(value):
+        if not isinstance(value, numbers.Integral):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(value)
     if hint is str and not isinstance(value, str):
