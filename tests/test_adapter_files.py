@@ -168,7 +168,7 @@ def test_bad_headers_are_refused_before_reading_the_tensors(saved_dir, monkeypat
     def no_allocation(_):
         raise AssertionError("tensors were deserialized before the header was checked")
 
-    monkeypatch.setattr(files, "load_bytes", no_allocation)
+    monkeypatch.setattr(files, "load_file", no_allocation)
     _header_file(saved_dir / WEIGHTS_FILE, header, data, length)
     _edit_json(saved_dir / CONFIG_FILE, lambda m: m.pop("weights_sha256"))
     _refused(saved_dir, peftkit.AdapterFileError, f"adapter.safetensors.*{match}")
@@ -179,6 +179,20 @@ def test_flipped_bytes_in_the_tensors_are_refused(saved_dir):
     raw[-3] ^= 0x40  # inside the last tensor: the header and length stay valid
     (saved_dir / WEIGHTS_FILE).write_bytes(bytes(raw))
     _refused(saved_dir, peftkit.AdapterFileError, "from different saves")
+
+
+def test_weights_replaced_while_being_read_are_refused(saved_dir, monkeypatch):
+    """A save renaming new weights in between the digest and the read must not pass the old digest off."""
+    real = files.load_file
+    other = saved_dir / "other"
+    peftkit.save(_adapted(seed=3), other)
+
+    def replaced_first(path):
+        os.replace(other / WEIGHTS_FILE, path)
+        return real(path)
+
+    monkeypatch.setattr(files, "load_file", replaced_first)
+    _refused(saved_dir, peftkit.AdapterFileError, "changed while it was read")
 
 
 @pytest.fixture
@@ -248,9 +262,9 @@ def _float_fields():
 def test_every_float_field_refuses_non_finite_values(cls, name):
     """The method's own range check may speak first ("dropout must be in [0, 1)"); either names the field."""
     for value in (float("nan"), float("inf"), -float("inf")):
-        for make in (lambda: cls(**{name: value}), lambda: cls.from_dict({name: value})):
+        for make in (lambda fields: cls(**fields), cls.from_dict):
             with pytest.raises(peftkit.ConfigError, match=f"{name}.*(finite|got .*(nan|inf))"):
-                make()
+                make({name: value})
 
 
 def test_non_finite_values_inside_patterns_are_refused():

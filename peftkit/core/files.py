@@ -10,8 +10,9 @@ from one that was merely truncated. So the header is read and checked here first
     the rest     the tensors' bytes; each tensor's [begin, end) lies inside it, is shape x dtype size
                  long, and together they cover it exactly
 
-and the file is hashed (sha256) in the same read, so that a config can record which weights it
-belongs to.
+and the file is hashed (sha256) while the header is checked, so that a config can record which
+weights it belongs to; the tensors are then read by safetensors (one copy in memory), and a file
+replaced in between (its inode, size or mtime changed) is refused.
 
 Writes go to a temporary file in the same directory, are fsynced and then renamed over the target:
 a reader sees the old file or the new one, never half of one. The temporary file is created with
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
+from safetensors.torch import load_file
 
 MAX_HEADER = 100 * 2**20
 """Largest safetensors header read (the limit safetensors itself applies): ~1 million tensors."""
@@ -90,7 +91,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     if not path.is_file():
         raise AdapterFileError(f"{path} does not exist")
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        before = os.fstat(f.fileno())
+        size = before.st_size
         first = f.read(8)
         if len(first) < 8:
             raise AdapterFileError(f"{path} is truncated or corrupt (only {size} bytes); save it again")
@@ -99,15 +101,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise AdapterFileError(f"{path} is truncated or corrupt: its header claims {n} bytes of a {size}-byte "
                                   f"file (at most {MAX_HEADER}); save it again")
         header_bytes = f.read(n)
-        header = _parse_header(path, header_bytes)
-        metadata = _check_entries(path, header, size - 8 - n)
-        body = f.read()  # its length is now known to be what the header declares
-    digest = hashlib.sha256(first + header_bytes + body).hexdigest()
+        metadata = _check_entries(path, _parse_header(path, header_bytes), size - 8 - n)
+        digest = hashlib.sha256(first + header_bytes)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
     try:
-        tensors = load_bytes(first + header_bytes + body)
-    except (SafetensorError, ValueError, RuntimeError) as err:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{path} is truncated or corrupt ({err}); save it again") from err
-    return tensors, metadata, digest
+    after = path.stat()
+    if (after.st_ino, after.st_size, after.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+        raise AdapterFileError(f"{path} changed while it was read (another process saving to it?); load it again")
+    return tensors, metadata, digest.hexdigest()
 
 
 def _parse_header(path: Path, raw: bytes) -> dict:

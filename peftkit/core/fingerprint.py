@@ -9,21 +9,24 @@ weight W, viewed as a matrix (d_out, rest), is three numbers computed in float64
 with fixed pseudo-random probe vectors u (one entry per row) and v (one per column), drawn by a
 hash of the position, so the same on every machine and torch version. The norm catches a rescaled
 weight; the projections weight every entry by its row and column, so they catch permuted rows or
-columns and any drift: a change dW moves a projection by about ||dW|| / ||W|| (relative), and the
-exact comparison accepts 1e-6, so a 0.3% drift is 3,000x over the threshold.
+columns and any drift: a change dW moves a projection by about ||dW|| / (3 ||W||), and the exact
+comparison accepts 1e-6, so a 0.3% drift of every entry is ~1,000x over the threshold.
 
 Dtype round trips. A bf16 or fp16 copy of the base is the same base (users train in fp32 and serve
 in bf16), but its rounded weights differ from the fp32 ones by ~0.1% per entry. So the fingerprint
 is also recorded for the weight rounded to the 16-bit dtypes, and `load` compares like with like:
 
 * same dtype: exact (1e-6);
-* one side fp32/fp64, the other 16-bit: the wide side's rounding to the 16-bit dtype, exact;
+* one side fp32/fp64, the other 16-bit (or fp64 against fp32): the wider side rounded to the
+  narrower one, exact;
 * fp16 against bf16: both rounded to bf16, the norm at 1e-3 and the projections at 4e-3. Rounding fp16
   to bf16 differs from rounding the original in ~1 entry in 16 by one bf16 step, which moves a
   projection by up to ~1.4e-3 on a 64 x 64 weight; so this pair is compared coarsely: a rescaling by
   0.3% or permuted rows are still caught, a random 0.3% drift of every entry often is not.
 
-Fingerprints saved before these (`[sum, sum |w|]`) are still compared as they were (1e-3 relative).
+A quantized copy of the base (NF4, int8) differs by more than rounding and is refused; load it with
+`allow_different_base=True`. Fingerprints saved before these (`[sum, sum |w|]`) are still compared as
+they were (1e-3 relative).
 """
 
 from __future__ import annotations
