@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 
+import regex
 import torch.nn as nn
 
 from . import architectures
@@ -28,8 +29,24 @@ HEAD_NAMES = ("lm_head", "classifier", "score", "head", "cls", "qa_outputs")
 def matches(name: str, pattern: str) -> bool:
     """True when module `name` matches one target pattern (see the module docstring)."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return _regex_match(pattern, name)
     return name == pattern or name.endswith("." + pattern)
+
+
+REGEX_TIMEOUT_S = 0.25
+"""Longest one regex target may take on one module name: a pattern from an adapter file such as
+"re:(a+)+$" backtracks exponentially, and must fail loading, not hang it."""
+
+
+def _regex_match(pattern: str, name: str) -> bool:
+    """`re.fullmatch` with a time limit (the `regex` package's), turning every failure into a ConfigError."""
+    try:
+        return regex.fullmatch(pattern[3:], name, timeout=REGEX_TIMEOUT_S) is not None
+    except TimeoutError as err:
+        raise ConfigError(f"target {pattern!r} took over {REGEX_TIMEOUT_S} s on module {name!r} (a regex that "
+                          "backtracks exponentially, like '(a+)+$'); write it without nested repetition") from err
+    except (regex.error, re.error) as err:
+        raise ConfigError(f"target {pattern!r} is not a valid regular expression ({err})") from err
 
 
 def head_module_names(model: nn.Module) -> set[str]:

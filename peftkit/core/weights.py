@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .fingerprint import weight_fingerprint
+
 try:  # transformers is a dependency, but keep core importable without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -124,7 +126,7 @@ def remove_bias(module: nn.Module) -> None:
     module.bias = None
 
 
-def weight_checksum(module: nn.Module) -> list[float]:
-    """A cheap fingerprint of a weight: its sum and its sum of absolute values, in float64."""
-    w = get_weight(module).double()
-    return [float(f"{float(w.sum()):.7g}"), float(f"{float(w.abs().sum()):.7g}")]  # 7 digits: compared at 1e-3
+def weight_checksum(module: nn.Module) -> dict:
+    """A cheap fingerprint of the base weight (norm and two position-weighted projections, see
+    `fingerprint.py`), in its dtype and rounded to the 16-bit dtypes, so a bf16 copy still matches."""
+    return weight_fingerprint(get_weight(module))
