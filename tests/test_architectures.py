@@ -295,3 +295,39 @@ def test_prefix_tuning_refuses_an_encoder_decoder_at_apply():
     with pytest.raises(peftkit.ConfigError, match="prefix-tuning .*T5ForConditionalGeneration.*encoder-decoder"):
         peftkit.apply(model, PrefixTuningConfig(num_virtual_tokens=3))
     assert not peftkit.has_adapter(model)
+
+
+class _SharedEmbedding(torch.nn.Module):
+    """One embedding module under two names (as older transformers' T5 held `shared` and `encoder.embed_tokens`);
+    the forward calls it through the second name only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = torch.nn.Embedding(50, 8)
+        self.encoder = torch.nn.Module()
+        self.encoder.embed_tokens = self.shared
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.encoder.embed_tokens(ids))
+
+
+def test_a_module_shared_under_several_names_is_adapted_under_all_of_them():
+    """`named_modules` lists a shared module once; an adapter put under that one name only had no effect."""
+    torch.manual_seed(0)
+    model, ids = _SharedEmbedding(), torch.randint(0, 50, (2, 5))
+    base = model(ids)
+    peftkit.apply(model, peftkit.LoRAConfig(r=2, targets=["shared"]))
+    layer = model.shared
+    assert model.encoder.embed_tokens is layer
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    adapted = model(ids)
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    peftkit.merge(model)
+    torch.testing.assert_close(model(ids), adapted, atol=1e-5, rtol=1e-5)
+    peftkit.unmerge(model)
+    plain = peftkit.unload(model)
+    assert plain.encoder.embed_tokens is plain.shared and isinstance(plain.shared, torch.nn.Embedding)
+    torch.testing.assert_close(plain(ids), base, atol=1e-5, rtol=1e-5)

@@ -143,9 +143,15 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` where `name` was; returns the old module."""
-    parent_name, _, child = name.rpartition(".")
-    parent = get_module(model, parent_name)
-    old = getattr(parent, child)
-    setattr(parent, child, new)
+    """Put `new` where `name` was, and under every other name the same module object has; returns the old one.
+
+    Why every name: a module can be shared (T5's `shared` embedding is also `encoder.embed_tokens` and
+    `decoder.embed_tokens`); `named_modules` lists it once, and replacing that one name would leave the
+    forward calling the unadapted module through the others, silently.
+    """
+    old = get_module(model, name)
+    holders = [(parent, child) for parent in model.modules() for child, module in parent._modules.items()
+               if module is old]
+    for parent, child in holders:
+        setattr(parent, child, new)
     return old
