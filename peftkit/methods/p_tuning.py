@@ -151,7 +151,11 @@ class PromptEncoderLayer(SoftPromptLayer):
     def soft_prompt(self) -> torch.Tensor:
         if self.lstm is None:
             return self.head(self.inputs)
-        return self.head(self.lstm(self.inputs.unsqueeze(0))[0][0])  # (1, n, 2h) -> (n, d)
+        # the LSTM runs in its own dtype, outside autocast: oneDNN has no bf16 LSTM on CPUs without AVX-512
+        # ("could not create a primitive descriptor"), and this encoder of n vectors costs nothing next to the model
+        with torch.autocast(self.inputs.device.type, enabled=False):
+            encoded = self.lstm(self.inputs.unsqueeze(0))[0][0]  # (1, n, 2h) -> (n, 2h)
+        return self.head(encoded)  # (n, d)
 
 
 @register(PTuningConfig)
