@@ -58,11 +58,12 @@ def _all_checkpoint_tensors_finite(out: Path) -> bool:
 
 # --- 1. non-finite and nonsensical settings ---------------------------------------------------
 @pytest.mark.parametrize("field, value, message", [
-    ("lr", INF, "lr must be finite"), ("lr", NAN, "lr must be finite"), ("lr", -1e-3, "lr must be > 0"),
-    ("weight_decay", INF, "weight_decay must be finite"), ("max_grad_norm", NAN, "max_grad_norm must be finite"),
-    ("max_grad_norm", -INF, "max_grad_norm must be finite"), ("epochs", INF, "epochs must be finite"),
-    ("warmup_ratio", NAN, "warmup_ratio must be finite"), ("max_steps", 1.5, "max_steps must be a whole number"),
-    ("batch_size", True, "batch_size must be a whole number"), ("lr", "fast", "lr must be a number"),
+    ("lr", INF, "lr must be a finite number"), ("lr", NAN, "lr must be a finite number"),
+    ("lr", -1e-3, "lr must be > 0"), ("weight_decay", INF, "weight_decay must be a finite number"),
+    ("max_grad_norm", NAN, "max_grad_norm must be a finite number"),
+    ("max_grad_norm", -INF, "max_grad_norm must be a finite number"), ("epochs", INF, "epochs must be a finite number"),
+    ("warmup_ratio", NAN, "warmup_ratio must be a finite number"), ("max_steps", 1.5, "max_steps must be an integer"),
+    ("batch_size", True, "batch_size must be a number"), ("lr", "fast", "lr must be a number"),
     ("progress", "no", "progress must be true or false"), ("overwrite", 1, "overwrite must be true or false"),
     ("keep_checkpoints", 0, "keep_checkpoints must be >= 1"),
 ])

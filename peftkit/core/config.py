@@ -133,7 +133,45 @@ def check_field_types(cfg: AdapterConfig) -> None:
     hints = _type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         if f.name in hints:
-            setattr(cfg, f.name, _checked(getattr(cfg, f.name), hints[f.name], f"{type(cfg).__name__}.{f.name}"))
+            setattr(cfg, f.name, check_value(getattr(cfg, f.name), hints[f.name], f"{type(cfg).__name__}.{f.name}"))
+
+
+def check_fields(obj: Any, name: str, lenient: bool = False) -> list[str]:
+    """Check every annotated field of dataclass instance `obj` in place; returns the errors (as `name.field`).
+
+    `lenient` first reads each value as `lenient_number` does, for configs that people type (YAML, flags).
+    """
+    hints, errors = _type_hints(type(obj)), []
+    for f in dataclasses.fields(obj):
+        if f.name not in hints:
+            continue
+        value = getattr(obj, f.name)
+        value = lenient_number(value, hints[f.name]) if lenient else value
+        try:
+            setattr(obj, f.name, check_value(value, hints[f.name], f"{name}.{f.name}"))
+        except ConfigError as err:
+            errors.append(str(err))
+    return errors
+
+
+def lenient_number(value: Any, hint: Any) -> Any:
+    """A typed value as the number the user meant, for a field whose type is a number; lossless only.
+
+    YAML 1.1 reads `1e-3` and `1e3` (exponents without a dot) as text, and people write `max_steps: 1e3` or
+    `batch_size: 4.0`: numeric strings become numbers and whole floats become ints for int-only fields.
+    `1.5` for an int stays 1.5, for `check_value` to refuse.
+    """
+    arms = set(typing.get_args(hint) or (hint,)) - {type(None)}
+    if not arms or not arms <= {int, float}:
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if arms == {int} and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 @functools.cache
@@ -144,7 +182,7 @@ def _type_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
-def _checked(value: Any, hint: Any, where: str) -> Any:
+def check_value(value: Any, hint: Any, where: str) -> Any:
     """`value` converted to `hint`'s plain form, or a ConfigError naming `where` and the expected type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -154,7 +192,7 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
             return None
         for option in (a for a in args if a is not type(None)):
             try:
-                return _checked(value, option, where)
+                return check_value(value, option, where)
             except ConfigError as err:
                 last = err
         if len(args) - (type(None) in args) == 1:
@@ -163,12 +201,12 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
     if origin is list or hint is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r:.80}")
-        return [_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        return [check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be {_type_name(hint)}, got {value!r:.80}")
         key, item = args or (Any, Any)
-        return {_checked(k, key, f"{where} key"): _checked(v, item, f"{where}[{k!r}]") for k, v in value.items()}
+        return {check_value(k, key, f"{where} key"): check_value(v, item, f"{where}[{k!r}]") for k, v in value.items()}
     return _scalar(value, hint, where)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from ..core.config import ConfigError
+from ..core.config import ConfigError, check_fields
 
 
 @dataclass
@@ -90,7 +89,10 @@ class TrainConfig:
             self.output_dir = os.fspath(self.output_dir)
         if isinstance(self.bf16, str) and self.bf16.lower() in ("true", "false"):
             self.bf16 = self.bf16.lower() == "true"
-        errors = self._type_errors()  # the range checks below compare numbers: run them on numbers only
+        # the range checks below compare numbers: run them on numbers only. Why check types at all: `lr=inf`
+        # passed `lr > 0` and trained to NaN weights, `max_steps=1.5` failed deep inside `range()`, and
+        # `progress="no"` was truthy
+        errors = check_fields(self, "TrainConfig", lenient=True)
         if errors:
             raise ConfigError("invalid TrainConfig: " + "; ".join(errors))
         checks = [
@@ -115,34 +117,6 @@ class TrainConfig:
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ConfigError("invalid TrainConfig: " + "; ".join(errors))
-
-    def _type_errors(self) -> list[str]:
-        """Fields whose value is not of the declared kind; float fields must also be finite.
-
-        Why: `lr=inf` passed `lr > 0` and trained to NaN weights, `max_steps=1.5` failed deep inside
-        `range()`, and `progress="no"` was truthy. A whole float for an int field (10.0) is taken as 10.
-        """
-        errors = []
-        for f in fields(self):
-            value, kind = getattr(self, f.name), str(f.type)
-            if (value is None and "None" in kind) or f.name == "bf16":
-                continue
-            if kind.startswith("int"):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                    setattr(self, f.name, value)
-                if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                    errors.append(f"{f.name} must be a whole number, got {value!r}")
-            elif kind.startswith("float"):
-                if not isinstance(value, numbers.Real) or isinstance(value, bool):
-                    errors.append(f"{f.name} must be a number, got {value!r}")
-                elif not math.isfinite(value):
-                    errors.append(f"{f.name} must be finite, got {value}")
-            elif kind == "bool" and not isinstance(value, bool):
-                errors.append(f"{f.name} must be true or false, got {value!r}")
-            elif kind == "str" and not isinstance(value, str):
-                errors.append(f"{f.name} must be a string, got {value!r}")
-        return errors
 
     def total_steps(self, batches_per_epoch: int) -> int:
         """Optimizer steps of the whole run."""

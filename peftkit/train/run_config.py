@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from ..core.config import ConfigError, _checked, field_docs
+from ..core.config import ConfigError, check_value, field_docs, lenient_number
 from ..core.registry import get_method, registered_methods
 from .config import TrainConfig
 
@@ -135,9 +135,8 @@ def typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, A
     YAML and `--key value` overrides hand over whatever the user wrote: `max_steps: 1.5` would be
     truncated by a range check, `lr: [1]` fails with a TypeError deep in validation, `name: 3` much
     later. Each value must fit its annotation (`int | None`, `list[str]`, `dict[str, int]` ...) by the
-    rules of the adapter configs' own check (`core.config._checked`: whole floats such as `100.0` are
-    ints, NaN and infinity are refused); numeric strings (YAML reads `1e-3` and `1e3` as text) are
-    numbers first. Keys that are not fields are left for the caller's unknown-field message.
+    rules of the adapter configs' own check (`core.config.check_value`: NaN and infinity are refused),
+    after the lossless readings of `core.config.lenient_number` (`1e3` and `100.0` are ints). Keys that are not fields are left for the caller's unknown-field message.
 
     Raises:
         ConfigError: naming every field (as `section.field`) whose value does not fit.
@@ -148,24 +147,13 @@ def typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, A
         if f.name not in values:
             continue
         try:
-            out[f.name] = _checked(_numeric_string(values[f.name], hints[f.name]), hints[f.name],
+            out[f.name] = check_value(lenient_number(values[f.name], hints[f.name]), hints[f.name],
                                    f"{section}.{f.name}")
         except ConfigError as err:
             errors.append(str(err))
     if errors:
         raise ConfigError("; ".join(errors))
     return out
-
-
-def _numeric_string(value: Any, hint: Any) -> Any:
-    """"1e-3" -> 0.001 for a field whose type is a number (YAML 1.1 reads exponents without a dot as text)."""
-    arms = set(typing.get_args(hint) or (hint,)) - {type(None)}
-    if isinstance(value, str) and arms and arms <= {int, float}:
-        try:
-            return float(value.strip())
-        except ValueError:
-            return value
-    return value
 
 
 def _show(value: Any) -> str:
