@@ -233,10 +233,29 @@ def test_resume_refuses_a_changed_adapter_config_and_leaves_the_model_alone(tmp_
     model = peftkit.apply(base_classifier(), peftkit.LoRAConfig(**fields))
     before = _weights(model)
     name = next(iter(adapter))
-    with pytest.raises(CheckpointError, match=rf"another adapter config \(.*{name}"):
+    with pytest.raises(CheckpointError, match=rf"another adapter config or base \(.*{name}"):
         train(model, toy_data(64), None, toy_config(tmp_path, max_steps=6, save_every=3), stack, resume=True)
     for key, value in before.items():
         torch.testing.assert_close(_weights(model)[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change", ["drift", "permute"])
+def test_resume_refuses_another_base_and_leaves_the_model_alone(tmp_path, change):
+    _first_run(tmp_path)
+    from train_toy import base_classifier
+
+    base = base_classifier()
+    with torch.no_grad():  # 0.3% drift of every entry, or two rows swapped: the fingerprint's two cases
+        w = base.fc2.weight
+        w.mul_(1.003) if change == "drift" else w.copy_(w[[1, 0, *range(2, w.shape[0])]])
+    model = peftkit.apply(base, peftkit.LoRAConfig(r=4, alpha=8, targets=["fc1", "fc2"], modules_to_save=["head"]))
+    before = _weights(model)
+    with pytest.raises(CheckpointError, match="another adapter config or base.*base weights of fc2"):
+        train(model, toy_data(64), None, toy_config(tmp_path, max_steps=6, save_every=3), stack, resume=True)
+    for key, value in before.items():
+        torch.testing.assert_close(_weights(model)[key], value, rtol=0, atol=0)
+    train(lora_classifier(), toy_data(64), None, toy_config(tmp_path, max_steps=6, save_every=3), stack,
+          resume=True)  # the same base resumes
 
 
 def test_resume_refuses_another_method_on_another_architecture(tmp_path):

@@ -158,3 +158,20 @@ def check_entry(entry) -> str | None:
 
 def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def same_record(saved: list | dict, now: list | dict) -> bool:
+    """True when two saved fingerprints (of one weight, at two times) describe the same base weight.
+
+    For a resumed run: the live model's fingerprint was taken at `apply`, before an init such as PiSSA's
+    rewrote the base, so records are compared, not a record against today's weight. Records of one
+    format and dtype compare like `same_weight`'s exact case; a pair that cannot be compared (a legacy
+    record, another dtype) counts as the same, as nothing says otherwise.
+    """
+    if isinstance(saved, list) or isinstance(now, list) or saved.get("dtype") != now.get("dtype"):
+        return True
+    dtype = saved["dtype"]
+    if dtype not in saved or dtype not in now:
+        return True
+    (n0, *p0), (n1, *p1) = saved[dtype], now[dtype]
+    return abs(n0 - n1) <= EXACT * max(n0, 1e-30) and all(abs(a - b) <= EXACT for a, b in zip(p0, p1, strict=True))

@@ -268,6 +268,8 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
     schedule: dict[str, torch.Tensor] | None
+    base_fingerprint: dict
+    """The fingerprint of the base the adapter was trained on (peftkit_adapter.json)."""
 
     @property
     def step(self) -> int:
@@ -288,13 +290,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if missing or not isinstance(meta["step"], int) or isinstance(meta["step"], bool) or meta["step"] < 0:
         raise CheckpointError(f"{state_file} is corrupt or from another program: it lacks {missing or ['step']}")
     try:
-        adapter_config, _, adapter = read_adapter(path)
+        adapter_config, adapter_meta, adapter = read_adapter(path)
         files = [OPTIMIZER_FILE, RNG_FILE] + ([SCHEDULE_FILE] if "method_schedule" in meta else [])
         tensors = {name: read_tensors(path / name) for name in files}
     except Exception as err:  # noqa: BLE001  any file that does not parse makes the checkpoint incomplete
         raise CheckpointError(f"{path} is incomplete or corrupt: {err}") from err
     return Checkpoint(path, meta, adapter_config.to_dict(), adapter, tensors[OPTIMIZER_FILE],
-                      tensors[RNG_FILE], tensors.get(SCHEDULE_FILE))
+                      tensors[RNG_FILE], tensors.get(SCHEDULE_FILE), adapter_meta.get("base_fingerprint") or {})
 
 
 def find_resumable(output_dir: str | os.PathLike) -> tuple[Checkpoint | None, list[str]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..core.apply import get_state
 from ..core.config import ConfigError
+from ..core.fingerprint import same_record
 from .checkpoint import Checkpoint, CheckpointError, find_resumable, load_checkpoint, read_checkpoint
 from .config import TrainConfig
 from .distributed import Dist
@@ -96,13 +97,16 @@ def _checkpoint_to_resume(resume, output_dir: Path) -> Checkpoint | None:
 
 
 def _check_adapter(ckpt: Checkpoint, model) -> None:
-    """Refuse a model whose adapter config differs from the one the checkpoint was trained with."""
+    """Refuse a model whose adapter config, or whose base, differs from the ones the checkpoint was trained with."""
     live = json.loads(json.dumps(get_state(model).config.to_dict()))  # tuples -> lists, as saved
     saved = json.loads(json.dumps(ckpt.adapter_config))
     differ = [f"{k}: {saved.get(k)!r} then, {live.get(k)!r} now" for k in sorted(set(saved) | set(live))
               if saved.get(k) != live.get(k)]
+    live_prints = get_state(model).fingerprint
+    differ += [f"base weights of {name}" for name, (shape, record) in ckpt.base_fingerprint.items()
+               if name in live_prints and (live_prints[name][0] != shape or not same_record(record, live_prints[name][1]))]
     if differ:
-        raise CheckpointError(f"{ckpt.path} was trained with another adapter config ({'; '.join(differ)}); resume "
+        raise CheckpointError(f"{ckpt.path} was trained with another adapter config or base ({'; '.join(differ)}); resume "
                               "with the config it was trained with, or start a fresh run (overwrite=True or "
                               "another output_dir)")
 
