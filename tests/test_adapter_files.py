@@ -400,3 +400,19 @@ def test_fingerprint_probes_do_not_depend_on_torch_rng():
     torch.manual_seed(456)
     assert weight_fingerprint(w) == first and first["dtype"] == "float32" and set(first) == {
         "dtype", "float32", "bfloat16", "float16"}
+
+
+@pytest.mark.parametrize("fmt", ["peftkit", "peft"])
+def test_non_finite_weights_are_not_saved_over_a_good_adapter(tmp_path, fmt):
+    model = _adapted()
+    peftkit.save(model, tmp_path, format=fmt)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    layer = next(m for m in model.modules() if hasattr(m, "lora_B"))
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("nan")
+    with pytest.raises(peftkit.AdapterFileError, match="not saved.*lora_B.*NaN or infinite"):
+        peftkit.save(model, tmp_path, format=fmt)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(peftkit.AdapterFileError, match="not saved"):
+        peftkit.save(model, tmp_path / "new", format=fmt)
+    assert not (tmp_path / "new").exists()

@@ -134,6 +134,7 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     directory = Path(directory)
     if format not in ("peftkit", "peft"):
         raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
+    _refuse_non_finite(model)  # `load` refuses such a file: do not replace a good adapter with one
     directory.mkdir(parents=True, exist_ok=True)
     if format == "peft":
         from .peft_format import save_peft
@@ -154,6 +155,13 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, separators=(",", ":"))))
     remove_files(directory, PEFT_FILES)
     return directory
+
+
+def _refuse_non_finite(model: nn.Module) -> None:
+    bad = [k for k, v in adapter_state_dict(model).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterFileError(f"not saved: adapter tensor(s) {_few(sorted(bad))} hold NaN or infinite values (the "
+                               "run diverged); save from an earlier checkpoint, or train again with a lower lr")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
