@@ -331,3 +331,18 @@ def test_a_module_shared_under_several_names_is_adapted_under_all_of_them():
     plain = peftkit.unload(model)
     assert plain.encoder.embed_tokens is plain.shared and isinstance(plain.shared, torch.nn.Embedding)
     torch.testing.assert_close(plain(ids), base, atol=1e-5, rtol=1e-5)
+
+
+def test_input_embeddings_that_the_forward_calls_through_tied_copies_are_refused():
+    """T5's get_input_embeddings() is `shared`; its stacks call `embed_tokens` modules tied to it, so an adapter on
+    `shared` would do nothing: refused, naming the modules to target instead, which work."""
+    model = MODELS["t5"](0)
+    with pytest.raises(peftkit.ConfigError, match="share their weight with encoder.embed_tokens"):
+        peftkit.apply(model, peftkit.LoRAConfig(r=2, targets="input-embeddings"))
+    inputs = example_inputs("t5")
+    base = output_of(model, inputs)
+    peftkit.apply(model, peftkit.LoRAConfig(r=2, targets=["encoder.embed_tokens"]))
+    with torch.no_grad():
+        model.encoder.embed_tokens.lora_A.normal_()
+        model.encoder.embed_tokens.lora_B.normal_()
+    assert not torch.allclose(output_of(model, inputs), base, atol=1e-4)

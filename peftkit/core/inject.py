@@ -65,8 +65,25 @@ def input_embedding_name(model: nn.Module) -> str:
     emb = get_in() if callable(get_in) else None
     for name, module in model.named_modules():
         if module is emb or (emb is not None and getattr(module, "base", None) is emb):
+            _refuse_embedding_copies(model, name, module)
             return name
     raise ConfigError(f"{type(model).__name__} has no get_input_embeddings(); name the embedding in `targets`")
+
+
+def _refuse_embedding_copies(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Refuse input embeddings that the forward reaches through other modules sharing their weight.
+
+    Why: T5's `get_input_embeddings()` is `shared`, but its encoder and decoder call their own
+    `embed_tokens` modules, tied to `shared.weight`; an adapter on `shared` would silently do nothing.
+    """
+    weight = getattr(module, "weight", None)
+    copies = [n for n, m in model.named_modules()
+              if m is not module and weight is not None and getattr(m, "weight", None) is weight
+              and isinstance(m, nn.Embedding)]
+    if copies:
+        raise ConfigError(f"the input embeddings {name!r} of {type(model).__name__} share their weight with "
+                          f"{', '.join(copies)}, which the forward may call instead; name the embedding modules "
+                          f"to adapt in `targets` (e.g. {copies[:2]})")
 
 
 def layer_index(name: str) -> int | None:
