@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_llama
 
 import peftkit
 from peftkit.cli import COMBINE_MODES, main
@@ -13,6 +12,8 @@ from peftkit.core.io import read_adapter, write_adapter
 from peftkit.merge import MODES, CombineError, combine, dare, data_free_scale, tune_q
 from peftkit.merge.prune import dare_mask
 from peftkit.train.layer_inputs import collect_layer_inputs
+
+from tiny_models import tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
