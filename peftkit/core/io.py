@@ -45,6 +45,7 @@ from .files import (
 )
 from .fingerprint import check_entry, same_weight
 from .layer import AdapterLayer
+from .packed import pack_tensors, unpack_tensors
 from .registry import config_from_dict
 
 CONFIG_FILE = "peftkit_adapter.json"
@@ -134,18 +135,38 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     directory = Path(directory)
     if format not in ("peftkit", "peft"):
         raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
-    _refuse_non_finite(model)  # `load` refuses such a file: do not replace a good adapter with one
-    directory.mkdir(parents=True, exist_ok=True)
     if format == "peft":
         from .peft_format import save_peft
 
+        _refuse_non_finite(adapter_state_dict(model))
+        directory.mkdir(parents=True, exist_ok=True)
         save_peft(model, directory)
         remove_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
         return directory
     state = get_state(model)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    meta = {"peftkit_version": _version(), "base_model": base_model_name(model), "config": state.config.to_dict(),
-            "base_fingerprint": state.fingerprint}
+    meta = {"base_model": base_model_name(model), "base_fingerprint": state.fingerprint}
+    return write_adapter(directory, state.config, adapter_state_dict(model), meta)
+
+
+def write_adapter(directory: str | os.PathLike, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                  meta: dict | None = None) -> Path:
+    """Write an adapter given as values (config, tensors by the model's key names) in peftkit's format.
+
+    What `save` writes for a model, for code that makes adapters without one (combining, compressing,
+    aggregating state dicts). `meta` may carry "base_model" and "base_fingerprint" (as `read_adapter`
+    returns them), so the written adapter is checked against its base like a saved one, and
+    "pack_ternary": keys of tensors in {−s, 0, +s} to store as positions + sign bits + s (packed.py).
+    """
+    directory = Path(directory)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _refuse_non_finite(tensors)
+    directory.mkdir(parents=True, exist_ok=True)
+    given = meta or {}
+    meta = {"peftkit_version": _version(), "base_model": given.get("base_model"),
+            "config": config.to_dict(), "base_fingerprint": given.get("base_fingerprint", {})}
+    if given.get("pack_ternary"):  # e.g. ComPEFT's output: positions + sign bits + one scalar (packed.py)
+        tensors, meta["packed"] = pack_tensors(tensors, list(given["pack_ternary"]))
+        meta["compression"] = given.get("compression")
     tensors, stacked = stack_blocks(tensors)
     metadata = {"format": "pt", "stacked": json.dumps(stacked, separators=(",", ":"))}
     digest: list[str] = []
@@ -157,8 +178,9 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     return directory
 
 
-def _refuse_non_finite(model: nn.Module) -> None:
-    bad = [k for k, v in adapter_state_dict(model).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+def _refuse_non_finite(tensors: dict[str, torch.Tensor]) -> None:
+    """`load` refuses a file holding NaN/inf: such tensors must not replace a good adapter on disk."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise AdapterFileError(f"not saved: adapter tensor(s) {_few(sorted(bad))} hold NaN or infinite values (the "
                                "run diverged); save from an earlier checkpoint, or train again with a lower lr")
@@ -219,7 +241,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict, dic
             "two saves wrote this directory at once, or the weights were edited; save the adapter again (weights "
             "edited on purpose: delete the config's 'weights_sha256' field)")
     check_finite(weights_path, tensors)
-    return cfg, meta, unstack_blocks(tensors, _stacked_index(weights_path, metadata))
+    tensors = unstack_blocks(tensors, _stacked_index(weights_path, metadata))
+    if "packed" in meta:  # sparse ternary tensors (packed.py), decoded only after the digest and header checks
+        tensors = unpack_tensors(weights_path, tensors, meta["packed"])
+    return cfg, meta, tensors
 
 
 def _check_meta(path: Path, meta: dict) -> None:
