@@ -5,6 +5,7 @@
     peftkit methods [--model PATH]
     peftkit merge --base PATH --adapter DIR --out DIR [--task T]
     peftkit export --adapter DIR --format peft --out DIR [--base PATH] [--task T]
+    peftkit compress --adapter DIR --out DIR [--density 0.1] [--alpha 1.0] [--exclude classifier]
 
 A user error (a bad config value, data row, adapter or checkpoint file, a missing path) prints one
 line, `peftkit: error: <what was wrong and what to do>`, and exits with status 2; `--debug` shows the
@@ -209,6 +210,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .core.io import WEIGHTS_FILE, read_adapter, write_adapter
+    from .merge.compeft import compress, compression_ratio
+
+    adapter = Path(args.adapter)
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"no adapter directory at {adapter}")
+    dense = read_adapter(adapter)
+    config, meta, tensors = compress(dense, "compeft", density=args.density, alpha=args.alpha,
+                                     exclude=args.exclude.split(",") if args.exclude else ())
+    write_adapter(args.out, config, tensors, meta)
+    _copy_task_file(adapter, Path(args.out))
+    before, after = (Path(d, WEIGHTS_FILE).stat().st_size for d in (adapter, args.out))
+    print(f"compeft adapter written to {args.out}: {before / 1e6:.3f} MB -> {after / 1e6:.3f} MB on disk "
+          f"({before / after:.1f}x; tensors alone {compression_ratio(dense[2], tensors, meta['pack_ternary']):.1f}x)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.split("\n")[0])
     debug_help = "show the traceback of a user error instead of one line"
@@ -239,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="default: the task.json the run wrote, else the base's config; required when neither tells")
         if name == "export":
             p.add_argument("--format", default="peft", choices=["peft", "peftkit"])
+    comp = sub.add_parser("compress", parents=[debug], help="compress an adapter (ComPEFT: top-k, ternary, one scalar)")
+    comp.add_argument("--adapter", required=True)
+    comp.add_argument("--out", required=True)
+    comp.add_argument("--density", type=float, default=0.1, help="kept fraction of each tensor's entries, in (0, 1]")
+    comp.add_argument("--alpha", type=float, default=1.0, help="kept entries become ±alpha·std(tensor)")
+    comp.add_argument("--exclude", help="comma-separated key substrings kept dense, e.g. classifier")
     return parser
 
 
@@ -247,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    handlers = {"demo": _cmd_demo, "methods": _cmd_methods, "merge": _cmd_merge, "export": _cmd_export}
+    handlers = {"demo": _cmd_demo, "methods": _cmd_methods, "merge": _cmd_merge, "export": _cmd_export,
+                "compress": _cmd_compress}
     try:
         if args.command == "train":
             return _cmd_train(args, extra)
