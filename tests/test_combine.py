@@ -249,3 +249,14 @@ def test_cli_combine_writes_a_loadable_adapter_and_reports_user_errors(tmp_path,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs one rank for all adapters" in err
     assert tuple(COMBINE_MODES) == tuple(MODES)
+
+
+def test_magnitude_prune_keeps_exactly_k_like_peft_even_with_ties():
+    from peft.utils.merge_utils import magnitude_based_pruning
+
+    from peftkit.merge import magnitude_prune
+    t = torch.randn(37, 11)
+    for density in (0.01, 0.3, 0.99):
+        assert torch.equal(magnitude_prune(t, density), magnitude_based_pruning(t, density))
+    tied = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5, 1.0])
+    assert int((magnitude_prune(tied, 0.5) != 0).sum()) == 3
