@@ -19,6 +19,7 @@ from .core.layer import AdapterLayer, MergeError  # noqa: E402
 from .core.params import param_groups, print_summary, trainable_parameters  # noqa: E402
 from .core.registry import config_from_dict, get_method, registered_methods  # noqa: E402
 from .core.schedule import MethodSchedule, schedule_for  # noqa: E402
+from .merge.combine import combine  # noqa: E402
 from .merge.compeft import compress  # noqa: E402
 from .methods.adalora import AdaLoRAConfig  # noqa: E402
 from .methods.bone import BoneConfig  # noqa: E402
@@ -56,7 +57,7 @@ __all__ = [
     "LNTuningConfig", "LlamaAdapterConfig", "LoFiTConfig", "LoLDUConfig", "LoRAConfig", "MergeError",
     "MethodSchedule", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
     "RandLoRAConfig", "SPTConfig", "SSFConfig", "SVFitConfig", "SpIELConfig", "TriAdaptLoRAConfig",
-    "VQTConfig", "apply", "calibrate", "compress", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
+    "VQTConfig", "apply", "calibrate", "combine", "compress", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
     "merge", "param_groups", "print_summary", "registered_methods", "save", "schedule_for",
     "trainable_parameters", "unload", "unmerge",
 ]

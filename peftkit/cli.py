@@ -5,6 +5,7 @@
     peftkit methods [--model PATH]
     peftkit merge --base PATH --adapter DIR --out DIR [--task T]
     peftkit export --adapter DIR --format peft --out DIR [--base PATH] [--task T]
+    peftkit combine --adapter DIR --adapter DIR ... --weights 0.5,0.5 --how ties --density 0.5 --out DIR
     peftkit compress --adapter DIR --out DIR [--density 0.1] [--alpha 1.0] [--exclude classifier]
 
 A user error (a bad config value, data row, adapter or checkpoint file, a missing path) prints one
@@ -228,6 +229,46 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_combine(args: argparse.Namespace) -> int:
+    from .core.io import write_adapter
+    from .merge import combine
+
+    try:
+        weights = [float(w) for w in args.weights.split(",")]
+    except ValueError:
+        raise _config_error(f"--weights takes comma-separated numbers (0.5,0.5), got {args.weights!r}") from None
+    for adapter in args.adapter:
+        if not Path(adapter).is_dir():
+            raise FileNotFoundError(f"no adapter directory at {adapter}")
+    config, meta, tensors = combine(args.adapter, weights, args.how, density=args.density, q=args.q,
+                                    majority_sign_method=args.majority_sign_method, svd_rank=args.svd_rank,
+                                    seed=args.seed, allow_different_base=args.allow_different_base)
+    write_adapter(args.out, config, tensors, meta)
+    _copy_task_file(Path(args.adapter[0]), Path(args.out))
+    print(f"combined adapter ({args.how}, rank {config.r}) written to {args.out}")
+    return 0
+
+
+COMBINE_MODES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd", "ties_svd",
+                 "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+"""peftkit.merge.MODES, spelled out so that `--help` does not import torch (a test keeps them equal)."""
+
+
+def _add_combine(sub, debug) -> None:
+    p = sub.add_parser("combine", parents=[debug], help="combine LoRA adapters into one (linear, cat, svd, ties, "
+                       "dare_linear, dare_ties, magnitude_prune, ...)")
+    p.add_argument("--adapter", action="append", required=True, help="an adapter directory; repeat for each")
+    p.add_argument("--weights", required=True, help="one weight per adapter, comma-separated: 0.5,0.5")
+    p.add_argument("--how", default="linear", help=f"one of {', '.join(COMBINE_MODES)} (default: linear)")
+    p.add_argument("--density", type=float, default=1.0, help="kept fraction for ties/dare/magnitude_prune modes")
+    p.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    p.add_argument("--svd-rank", type=int, help="rank of the *svd modes' result (default: the largest input rank)")
+    p.add_argument("--q", type=float, help="DAREx-q: rescale dare modes by 1/q instead of 1/density")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dare masks")
+    p.add_argument("--allow-different-base", action="store_true")
+    p.add_argument("--out", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description=__doc__.split("\n")[0])
     debug_help = "show the traceback of a user error instead of one line"
@@ -264,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--density", type=float, default=0.1, help="kept fraction of each tensor's entries, in (0, 1]")
     comp.add_argument("--alpha", type=float, default=1.0, help="kept entries become ±alpha·std(tensor)")
     comp.add_argument("--exclude", help="comma-separated key substrings kept dense, e.g. classifier")
+    _add_combine(sub, debug)
     return parser
 
 
@@ -273,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handlers = {"demo": _cmd_demo, "methods": _cmd_methods, "merge": _cmd_merge, "export": _cmd_export,
-                "compress": _cmd_compress}
+                "compress": _cmd_compress, "combine": _cmd_combine}
     try:
         if args.command == "train":
             return _cmd_train(args, extra)
