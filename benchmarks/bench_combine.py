@@ -4,11 +4,13 @@ Model: SmolLM2-135M's architecture (576 hidden, 1536 MLP, 30 layers: 210 adapted
 random weights (combining reads the adapters only). Each (library, mode) runs in a fresh interpreter
 with the 8 adapters already in memory (peft: one PeftModel holding them; peftkit: the 8 adapter values,
 no model needed), and measures one call: wall time, CPU time / wall time (below ~0.9 per thread, another
-process took the core) and peak extra memory (VmHWM, reset just before the call, minus VmRSS then). The random modes
+process took the core) and peak extra memory (VmHWM, reset just before the call, minus VmRSS then;
+glibc is told to mmap every block over 64 KiB, so freed memory leaves RSS and each peak is seen). The random modes
 run at density 0.5; the svd modes at peft's default rank (16).
 
     .venv/bin/python benchmarks/bench_combine.py                   # all 11 modes, 2 rounds
     .venv/bin/python benchmarks/bench_combine.py --modes linear svd --rounds 1
+    .venv/bin/python benchmarks/bench_combine.py --size small --rounds 1   # the 6-layer benchmark model
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ MODES = ["linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+SMALL = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+             num_key_value_heads=6, vocab_size=8000, tie_word_embeddings=False)
+"""protocol.py's "small" benchmark model: 42 adapted layers, for a quick run (--size small)."""
+SIZES = {"smollm2": SMOLLM2, "small": SMALL}
 MARK = "RESULT "
 
 
@@ -49,22 +55,19 @@ def _factors(model, n: int, r: int):
                 for name in names} for i in range(n)}
 
 
-def job(lib: str, how: str, n: int, r: int, density: float) -> dict:
+def job(lib: str, how: str, n: int, r: int, density: float, size: str = "smollm2") -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).eval()
-    factors = _factors(model, n, r)
+    with torch.device("meta"):  # module names and shapes only; peftkit's side never builds the model
+        shapes = LlamaForCausalLM(LlamaConfig(**SIZES[size]))
+    factors = _factors(shapes, n, r)
     options = {} if how in ("linear", "cat", "svd") else {"density": density}
     if lib == "peft":
-        call = _peft_call(model, factors, r, how, options)
+        call = _peft_call(LlamaForCausalLM(LlamaConfig(**SIZES[size])).eval(), factors, r, how, options)
     else:
         call = _peftkit_call(factors, r, how, options)
-        del model
-    import gc
-
-    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS: the peak below is the call's own
     rss = _status("VmRSS")
@@ -102,14 +105,15 @@ def _peftkit_call(factors, r, how, options):
     return lambda: peftkit.combine(values, [1 / len(values)] * len(values), how, **options)
 
 
-def run(modes: list[str], rounds: int, n: int, r: int, density: float) -> list[dict]:
+def run(modes: list[str], rounds: int, n: int, r: int, density: float, size: str) -> list[dict]:
     results = []
     for rnd in range(rounds):
         for how in modes:
             for lib in (("peft", "peftkit") if rnd % 2 == 0 else ("peftkit", "peft")):
-                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                # large blocks always mmapped, so freed memory leaves RSS at once and VmHWM sees each peak
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
                 args = [sys.executable, __file__, "--job", lib, how, "--n", str(n), "--r", str(r),
-                        "--density", str(density)]
+                        "--density", str(density), "--size", size]
                 proc = subprocess.run(args, capture_output=True, text=True, env=env)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
                 if proc.returncode or not lines:
@@ -138,13 +142,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="adapters combined")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--size", default="smollm2", choices=SIZES)
     parser.add_argument("--job", nargs=2, metavar=("LIB", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/combine.json")
     args = parser.parse_args()
     if args.job:
-        print(MARK + json.dumps(job(*args.job, args.n, args.r, args.density)), flush=True)
+        print(MARK + json.dumps(job(*args.job, args.n, args.r, args.density, args.size)), flush=True)
         return
-    results = run(args.modes, args.rounds, args.n, args.r, args.density)
+    results = run(args.modes, args.rounds, args.n, args.r, args.density, args.size)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

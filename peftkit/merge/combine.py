@@ -18,7 +18,8 @@ Modes (those of Hugging Face peft's `add_weighted_adapter`, same names and, seed
 DAREx-q (prune.py): the `dare_*` modes take `q`, the rescale 1/q instead of 1/density: a number, or
 "data-free" with `inputs={module: X (n, d_in)}` (unlabelled layer inputs, e.g. from
 `peftkit.train.layer_inputs.collect_layer_inputs`) for a closed-form q per layer and adapter; in factor
-space both factors get 1/q with 1/q² the least-squares scale of the product. `tune_q` picks one q on
+space both factors get 1/q with 1/q² the least-squares scale of the product (a layer whose
+least-squares scale is negative gets 0: the nearest the product's scale 1/q² can be). `tune_q` picks one q on
 a validation score. Masks are drawn from a generator seeded by `seed` (torch's global stream when
 None), per module in the tensors' order, all A's then all B's, as peft draws them.
 
