@@ -22,7 +22,7 @@ from pathlib import Path
 
 import peftkit
 from peftkit.core.io import WEIGHTS_FILE, read_adapter, write_adapter
-from peftkit.merge.compeft import compress, compression_ratio
+from peftkit.merging.compeft import compress, compression_ratio
 from peftkit.train.distributed import Dist
 from peftkit.train.evaluation import evaluate
 from peftkit.train.run import _model_and_data

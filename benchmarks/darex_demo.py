@@ -27,7 +27,7 @@ import torch
 
 import peftkit
 from peftkit.core.io import read_adapter, write_adapter
-from peftkit.merge import combine, tune_q
+from peftkit.merging import combine, tune_q
 from peftkit.train.assets import rotten_tomatoes_split
 from peftkit.train.data import ClassificationDataset, collate
 from peftkit.train.layer_inputs import collect_layer_inputs

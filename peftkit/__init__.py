@@ -19,8 +19,8 @@ from .core.layer import AdapterLayer, MergeError  # noqa: E402
 from .core.params import param_groups, print_summary, trainable_parameters  # noqa: E402
 from .core.registry import config_from_dict, get_method, registered_methods  # noqa: E402
 from .core.schedule import MethodSchedule, schedule_for  # noqa: E402
-from .merge.combine import combine  # noqa: E402
-from .merge.compeft import compress  # noqa: E402
+from .merging.combine import combine  # noqa: E402
+from .merging.compeft import compress  # noqa: E402
 from .methods.adalora import AdaLoRAConfig  # noqa: E402
 from .methods.bone import BoneConfig  # noqa: E402
 from .methods.bottleneck import BottleneckConfig  # noqa: E402

@@ -213,7 +213,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_compress(args: argparse.Namespace) -> int:
     from .core.io import WEIGHTS_FILE, read_adapter, write_adapter
-    from .merge.compeft import compress, compression_ratio
+    from .merging.compeft import compress, compression_ratio
 
     adapter = Path(args.adapter)
     if not adapter.is_dir():
@@ -231,7 +231,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_combine(args: argparse.Namespace) -> int:
     from .core.io import write_adapter
-    from .merge import combine
+    from .merging import combine
 
     try:
         weights = [float(w) for w in args.weights.split(",")]
@@ -251,7 +251,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
 
 COMBINE_MODES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-"""peftkit.merge.MODES, spelled out so that `--help` does not import torch (a test keeps them equal)."""
+"""peftkit.merging.MODES, spelled out so that `--help` does not import torch (a test keeps them equal)."""
 
 
 def _add_combine(sub, debug) -> None:

@@ -9,8 +9,8 @@ import torch
 import peftkit
 from peftkit.cli import COMBINE_MODES, main
 from peftkit.core.io import read_adapter, write_adapter
-from peftkit.merge import MODES, CombineError, combine, dare, data_free_scale, tune_q
-from peftkit.merge.prune import dare_mask
+from peftkit.merging import MODES, CombineError, combine, dare, data_free_scale, tune_q
+from peftkit.merging.prune import dare_mask
 from peftkit.train.layer_inputs import collect_layer_inputs
 
 from tiny_models import tiny_llama
@@ -254,9 +254,17 @@ def test_cli_combine_writes_a_loadable_adapter_and_reports_user_errors(tmp_path,
 def test_magnitude_prune_keeps_exactly_k_like_peft_even_with_ties():
     from peft.utils.merge_utils import magnitude_based_pruning
 
-    from peftkit.merge import magnitude_prune
+    from peftkit.merging import magnitude_prune
     t = torch.randn(37, 11)
     for density in (0.01, 0.3, 0.99):
         assert torch.equal(magnitude_prune(t, density), magnitude_based_pruning(t, density))
     tied = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5, 1.0])
     assert int((magnitude_prune(tied, 0.5) != 0).sum()) == 3
+
+
+def test_the_package_does_not_shadow_peftkit_merge():
+    """A subpackage named `peftkit/merge/` replaced the public `peftkit.merge(model)` function on import."""
+    import peftkit.merging  # noqa: F401
+    from peftkit.core.apply import merge
+
+    assert peftkit.merge is merge

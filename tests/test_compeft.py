@@ -25,7 +25,7 @@ from peftkit.core.packed import (
     rice_encode,
     unpack_ternary,
 )
-from peftkit.merge.compeft import compeft, compress, compression_ratio, ternarize, top_k_mask
+from peftkit.merging.compeft import compeft, compress, compression_ratio, ternarize, top_k_mask
 
 from tiny_models import example_inputs, output_of, tiny_llama
 

@@ -1,4 +1,4 @@
-"""Unlabelled inputs of chosen layers, for DAREx-q's data-free rescale (`peftkit.merge.combine(q="data-free")`)."""
+"""Unlabelled inputs of chosen layers, for DAREx-q's data-free rescale (`peftkit.merging.combine(q="data-free")`)."""
 
 from __future__ import annotations
 
