@@ -1,6 +1,6 @@
 """Compact storage of sparse ternary tensors (values in {−s, 0, +s}) inside a safetensors file.
 
-ComPEFT (merge/compeft.py) leaves each tensor with one scalar s, a support (which entries are non-zero)
+ComPEFT (merging/compeft.py) leaves each tensor with one scalar s, a support (which entries are non-zero)
 and a sign per support entry. Stored densely that is 16 or 32 bits per entry; stored here it is
 
     positions: min(numel bits as a bitmap,  Golomb-Rice coded gaps)   + nnz sign bits   + s in the JSON
