@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import save_file
+from unchanged import assert_unchanged, snapshot
 
 import peftkit
 from peftkit.core import files
@@ -43,23 +44,9 @@ def _adapted(seed: int = 0, dtype=torch.float32, dropout: float = 0.0):
     return model
 
 
-def _snapshot(model):
-    return ([type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model, before):
-    types, state, grads = before
-    assert [type(m).__name__ for m in model.modules()] == types
-    assert not peftkit.has_adapter(model)
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-
-
 def _refused(directory, error, match, model=None, **kwargs):
     model = tiny_llama() if model is None else model
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(error, match=match):
         peftkit.load(model, directory, **kwargs)
     assert_unchanged(model, before)

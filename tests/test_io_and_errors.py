@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from unchanged import assert_unchanged, snapshot
 
 import peftkit
 from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE, read_adapter
@@ -30,23 +31,9 @@ def saved(tmp_path):
     return tmp_path
 
 
-def _snapshot(model):
-    return ([type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
-
-
-def assert_unchanged(model, before):
-    types, state, grads = before
-    assert [type(m).__name__ for m in model.modules()] == types
-    assert not peftkit.has_adapter(model)
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-
-
 def _failing_load(directory, error, match, **kwargs):
     model = tiny_llama()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(error, match=match):
         peftkit.load(model, directory, **kwargs)
     assert_unchanged(model, before)
@@ -120,7 +107,7 @@ def test_missing_directory(tmp_path):
 
 def test_different_base_is_refused_and_flag_allows_it(saved):
     other = tiny_llama(seed=1)
-    before = _snapshot(other)
+    before = snapshot(other)
     with pytest.raises(peftkit.AdapterFileError, match="different base model.*q_proj \\(weights differ\\)"):
         peftkit.load(other, saved)
     assert_unchanged(other, before)
@@ -134,7 +121,7 @@ def test_different_shapes_are_refused_even_with_the_flag(saved):
     torch.manual_seed(0)
     wider = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=100))
-    before = _snapshot(wider)
+    before = snapshot(wider)
     with pytest.raises(peftkit.AdapterFileError, match="shape"):
         peftkit.load(wider, saved, allow_different_base=True)
     assert_unchanged(wider, before)
@@ -175,7 +162,7 @@ def test_bad_configs_raise_clear_errors(make, match):
 
 def test_targets_that_match_nothing_list_the_linear_modules():
     model = tiny_llama()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(peftkit.ConfigError, match="no module matched targets \\['q_prj'\\].*q_proj, k_proj, v_proj"):
         peftkit.apply(model, peftkit.LoRAConfig(targets=["q_prj"]))
     assert_unchanged(model, before)
@@ -183,7 +170,7 @@ def test_targets_that_match_nothing_list_the_linear_modules():
 
 def test_pissa_rank_above_layer_size_fails_at_apply_and_rolls_back():
     model = mlp()
-    before = _snapshot(model)
+    before = snapshot(model)
     with pytest.raises(peftkit.ConfigError, match="r <= min"):
         peftkit.apply(model, peftkit.LoRAConfig(r=20, init="pissa", targets=["fc1", "fc2"]))
     assert_unchanged(model, before)
