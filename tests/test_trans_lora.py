@@ -28,6 +28,15 @@ ANSWERS = (" no", " yes")
 LORA = dict(r=8, alpha=16.0, targets="all-linear")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it costs 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     from tokenizers import Tokenizer, models, pre_tokenizers
