@@ -11,13 +11,15 @@
 __version__ = "0.1.0"
 
 from . import methods  # noqa: F401,E402  (registers every method)
-from .core.apply import apply, disabled, has_adapter, merge, unload, unmerge  # noqa: E402
+from .core.adapters import active_adapters, adapters, set_active  # noqa: E402
+from .core.apply import apply, delete, disabled, has_adapter, merge, unload, unmerge  # noqa: E402
 from .core.calibration import calibrate  # noqa: E402
 from .core.config import AdapterConfig, ConfigError  # noqa: E402
 from .core.io import AdapterFileError, load, load_weights, save  # noqa: E402
 from .core.layer import AdapterLayer, MergeError  # noqa: E402
 from .core.params import param_groups, print_summary, trainable_parameters  # noqa: E402
 from .core.registry import config_from_dict, get_method, registered_methods  # noqa: E402
+from .core.routing import BASE, mixed_batch  # noqa: E402
 from .core.schedule import MethodSchedule, schedule_for  # noqa: E402
 from .merging.combine import combine  # noqa: E402
 from .merging.compeft import compress  # noqa: E402
@@ -57,7 +59,7 @@ __all__ = [
     "LNTuningConfig", "LlamaAdapterConfig", "LoFiTConfig", "LoLDUConfig", "LoRAConfig", "MergeError",
     "MethodSchedule", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
     "RandLoRAConfig", "SPTConfig", "SSFConfig", "SVFitConfig", "SpIELConfig", "TriAdaptLoRAConfig",
-    "VQTConfig", "apply", "calibrate", "combine", "compress", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
+    "BASE", "VQTConfig", "active_adapters", "adapters", "apply", "delete", "mixed_batch", "set_active", "calibrate", "combine", "compress", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
     "merge", "param_groups", "print_summary", "registered_methods", "save", "schedule_for",
     "trainable_parameters", "unload", "unmerge",
 ]

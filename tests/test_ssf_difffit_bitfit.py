@@ -315,7 +315,7 @@ def test_core_method_with_builder_and_selector(both_kinds_method):
     model, inputs = mlp(), example_inputs("mlp")
     base, base_state = output_of(model, inputs).detach(), copy.deepcopy(model.state_dict())
     peftkit.apply(model, _ScaleAndBiasesConfig(targets=["fc2"]))
-    assert get_state(model).selected == ["fc1.bias", "fc2.base.bias", "head.bias"]
+    assert get_state(model).selected == ["fc1.bias", "fc2.bias", "head.bias"]  # the model's own names
     with torch.no_grad():
         model.fc2.s.fill_(2.0)
         model.fc1.bias.add_(1.0)

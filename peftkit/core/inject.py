@@ -19,7 +19,7 @@ import re
 import regex
 import torch.nn as nn
 
-from . import architectures
+from . import architectures, weights
 from .config import AdapterConfig, ConfigError
 from .weights import is_linear, is_norm
 
@@ -51,11 +51,11 @@ def _regex_match(pattern: str, name: str) -> bool:
 
 def head_module_names(model: nn.Module) -> set[str]:
     """Names of the output head(s): `get_output_embeddings()` plus conventional head names."""
-    heads = {n for n, _ in model.named_modules() if n.split(".")[-1] in HEAD_NAMES}
+    heads = {n for n, _ in plain_modules(model) if n.split(".")[-1] in HEAD_NAMES}
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     if out is not None:
-        heads |= {n for n, m in model.named_modules() if m is out}
+        heads |= {n for n, m in plain_modules(model) if m is out or weights.plain(m) is out}
     return heads
 
 
@@ -63,8 +63,8 @@ def input_embedding_name(model: nn.Module) -> str:
     """Module name of the model's input embeddings."""
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
-    for name, module in model.named_modules():
-        if module is emb or (emb is not None and getattr(module, "base", None) is emb):
+    for name, module in plain_modules(model):
+        if module is emb or (emb is not None and weights.plain(module) is weights.plain(emb)):
             _refuse_embedding_copies(model, name, module)
             return name
     raise ConfigError(f"{type(model).__name__} has no get_input_embeddings(); name the embedding in `targets`")
@@ -77,9 +77,9 @@ def _refuse_embedding_copies(model: nn.Module, name: str, module: nn.Module) -> 
     `embed_tokens` modules, tied to `shared.weight`; an adapter on `shared` would silently do nothing.
     """
     weight = getattr(module, "weight", None)
-    copies = [n for n, m in model.named_modules()
+    copies = [n for n, m in plain_modules(model)
               if m is not module and weight is not None and getattr(m, "weight", None) is weight
-              and isinstance(m, nn.Embedding)]
+              and isinstance(weights.plain(m), nn.Embedding)]
     if copies:
         raise ConfigError(f"the input embeddings {name!r} of {type(model).__name__} share their weight with "
                           f"{', '.join(copies)}, which the forward may call instead; name the embedding modules "
@@ -96,7 +96,7 @@ def layer_index(name: str) -> int | None:
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Names of every linear-like layer, for error messages."""
-    return [n for n, m in model.named_modules() if is_linear(m)]
+    return [n for n, m in plain_modules(model) if is_linear(m)]
 
 
 def _selected(name: str, module: nn.Module, cfg: AdapterConfig, heads: set[str], inputs: str | None,
@@ -129,7 +129,7 @@ def find_targets(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     inputs = input_embedding_name(model) if wants_inputs else None
     tokens = [t for t in _as_list(cfg.targets) + list(cfg.exclude) if architectures.is_role(t)]
     roles = {t: set(architectures.modules_with_role(model, architectures.role_name(t))) for t in tokens}
-    names = [n for n, m in model.named_modules() if n and _selected(n, m, cfg, heads, inputs, roles)]
+    names = [n for n, m in plain_modules(model) if n and _selected(n, m, cfg, heads, inputs, roles)]
     if not names:
         linear = ", ".join(_shorten(linear_module_names(model)))
         absent = [t for t in tokens if t in _as_list(cfg.targets) and not roles[t]]
@@ -155,8 +155,46 @@ def _shorten(names: list[str]) -> list[str]:
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called `name` ("" is the model itself)."""
-    return model.get_submodule(name) if name else model
+    """The submodule called `name` ("" is the model itself), by the names the user's model has: a name under
+    an adapted module is looked up in the module the adapter layers wrap (`self_attn.q_proj` finds q_proj
+    inside an adapted self_attn), and an adapted module's own name gives its outermost adapter layer."""
+    module = model
+    for part in name.split(".") if name else []:
+        while part not in module._modules and getattr(type(module), "wraps_base", False):
+            module = module._modules["base"]
+        child = module._modules.get(part)
+        if child is None:
+            raise AttributeError(f"{type(module).__name__} has no attribute `{part}` (looking up {name!r})")
+        module = child
+    return module
+
+
+def plain_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`named_modules()` as the user's model has them: an adapted module appears once, as its outermost
+    adapter layer, and what adapters added (their submodules, the wrapped `base` chain) is not listed."""
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        out.append((prefix, module))
+        inner = weights.plain(module)
+        for child_name, child in inner._modules.items():
+            if child is not None:
+                walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    walk(model, "")
+    return out
+
+
+def swap_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `old` is held (by the model's modules, or by an adapter layer stacked on it)."""
+    holders = [(parent, child) for parent in model.modules() for child, module in parent._modules.items()
+               if module is old]
+    for parent, child in holders:
+        setattr(parent, child, new)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -167,8 +205,5 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     forward calling the unadapted module through the others, silently.
     """
     old = get_module(model, name)
-    holders = [(parent, child) for parent in model.modules() for child, module in parent._modules.items()
-               if module is old]
-    for parent, child in holders:
-        setattr(parent, child, new)
+    swap_module(model, old, new)
     return old

@@ -23,6 +23,7 @@ fingerprint, finite values) before the model is touched, and any failure afterwa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from . import weights
+from .adapters import DEFAULT, adapters, current, plain_parameters
 from .apply import apply, get_module, get_state, has_adapter
 from .config import AdapterConfig, ConfigError
 from .files import (
@@ -44,13 +46,15 @@ from .files import (
     unstack_blocks,
 )
 from .fingerprint import check_entry, same_weight
-from .layer import AdapterLayer
 from .packed import pack_tensors, unpack_tensors
 from .registry import config_from_dict
+from .snapshot import ModelSnapshot
 
 CONFIG_FILE = "peftkit_adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ORDER_FILE = "adapter_order.json"
+"""In a directory saved from a model with several adapters: their names in the order they were applied."""
 """What `save(..., format="peft")` writes (peft_format.py); a directory holds one format or the other."""
 
 def _version() -> str:
@@ -59,25 +63,25 @@ def _version() -> str:
     return __version__
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (its parameters, persistent buffers and selected parameters)."""
-    state = get_state(model)
-    keys = set(state.selected)
-    for name in state.adapted:
-        layer: AdapterLayer = get_module(model, name)
-        local = {n for n, _ in layer.named_parameters()} | {n for n, _ in layer.named_buffers()}
-        keys |= {f"{name}.{n}" for n in local if not n.startswith("base.")}
-    keys = {k.replace(".base.", ".") for k in keys}
-    full = model.state_dict(keep_vars=False)
-    missing = keys - set(full)
-    if missing:  # a non-persistent buffer: not part of the adapter file
-        keys -= missing
-    return {k: full[k] for k in sorted(keys)}
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors (its layers' parameters and persistent buffers, and the base parameters it trains
+    in place), by the model's own module names: `<module>.<local name>`, whatever the module is called and
+    whichever adapters are stacked on it."""
+    return {k: v.detach() for k, v in sorted(_live_tensors(model, name).items())}
 
 
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def _live_tensors(model: nn.Module, name: str | None) -> dict[str, torch.Tensor]:
+    state = get_state(model, name)
+    params = plain_parameters(model)
+    out = {n: params[n] for n in state.selected}
+    for module_name, layer in state.layers.items():
+        out |= {f"{module_name}.{local}": t for local, t in layer.adapter_tensors().items()}
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str | None = None) -> None:
     """Copy saved tensors into an adapted model after checking keys and shapes (all or nothing)."""
-    expected = adapter_state_dict(model)
+    expected = adapter_state_dict(model, name)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterFileError(
@@ -89,12 +93,19 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) 
         raise AdapterFileError("adapter tensor shapes do not fit this model: " + "; ".join(wrong[:5]))
     kinds = [f"{k}: file {tensors[k].dtype} vs model {v.dtype}"
              for k, v in expected.items() if _kind(tensors[k].dtype) != _kind(v.dtype)]
-    if kinds:  # load_state_dict would silently cast an integer or bool tensor into a float parameter
+    if kinds:  # a copy would silently cast an integer or bool tensor into a float parameter
         raise AdapterFileError("adapter tensor types do not fit this model: " + "; ".join(kinds[:5])
                                + "; the file was not written by peftkit.save for this adapter")
-    model.load_state_dict(tensors, strict=False)
-    for name in get_state(model).adapted:
-        get_module(model, name).after_load()
+    state = get_state(model, name)
+    params = plain_parameters(model)
+    with torch.no_grad():
+        for n in state.selected:
+            params[n].copy_(tensors[n])
+    for module_name, layer in state.layers.items():  # the layer's own load hooks run (methods may resize)
+        own = {local: tensors[f"{module_name}.{local}"] for local in layer.adapter_tensors()}
+        layer.load_state_dict(own, strict=False)
+    for layer in state.layers.values():
+        layer.after_load()
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -120,8 +131,12 @@ def remove_files(directory: Path, names: tuple[str, ...]) -> None:
         (directory / name).unlink(missing_ok=True)
 
 
-def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit") -> Path:
-    """Write the adapter only (not the base model) to `directory`; returns the path.
+def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit", name: str | None = None) -> Path:
+    """Write adapter `name` (not the base model) to `directory`; returns the path.
+
+    Without a name, a model with one adapter writes it into `directory` itself, and a model with several
+    writes each as peft does: "default" into `directory`, every other one into `directory/<name>/`
+    (`load` reads both layouts back, and so does peft's `load_adapter`).
 
     Saving replaces the adapter in `directory`, in either format: the files of the other format are
     deleted once the new ones are in place (otherwise `load` would find two adapters there). The
@@ -135,17 +150,28 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     directory = Path(directory)
     if format not in ("peftkit", "peft"):
         raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
-    if format == "peft":
-        from .peft_format import save_peft
-
-        _refuse_non_finite(adapter_state_dict(model))
-        directory.mkdir(parents=True, exist_ok=True)
-        save_peft(model, directory)
-        remove_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
+    names = [name] if name is not None else adapters(model) or [None]
+    if len(names) > 1:
+        for each in names:
+            save(model, directory if each == DEFAULT else directory / each, format=format, name=each)
+        if format == "peftkit":  # stacked adapters compute in the order they were applied: load keeps it
+            atomic_write(directory / ORDER_FILE, lambda p: Path(p).write_text(json.dumps(names)))
         return directory
-    state = get_state(model)
-    meta = {"base_model": base_model_name(model), "base_fingerprint": state.fingerprint}
-    return write_adapter(directory, state.config, adapter_state_dict(model), meta)
+    name = names[0]
+    if name is not None:
+        get_state(model, name)  # an unknown name fails before anything is written
+    with current(model, name) if name is not None else contextlib.nullcontext():
+        if format == "peft":
+            from .peft_format import save_peft
+
+            _refuse_non_finite(adapter_state_dict(model))
+            directory.mkdir(parents=True, exist_ok=True)
+            save_peft(model, directory)
+            remove_files(directory, (CONFIG_FILE, WEIGHTS_FILE))
+            return directory
+        state = get_state(model)
+        meta = {"base_model": base_model_name(model), "base_fingerprint": state.fingerprint}
+        return write_adapter(directory, state.config, adapter_state_dict(model), meta)
 
 
 def write_adapter(directory: str | os.PathLike, config: AdapterConfig, tensors: dict[str, torch.Tensor],
@@ -278,7 +304,7 @@ def base_weight(model: nn.Module, name: str) -> torch.Tensor | None:
         module = get_module(model, name)
     except AttributeError:
         return None
-    module = module.base if isinstance(module, AdapterLayer) else module
+    module = weights.plain(module)
     return weights.get_weight(module) if weights.layer_kind(module) is not None else None
 
 
@@ -296,22 +322,39 @@ def check_fingerprint(saved: dict, model: nn.Module) -> list[str]:
     return differ
 
 
-def load(model: nn.Module, directory: str | os.PathLike, *, allow_different_base: bool = False) -> nn.Module:
+def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = None,
+         allow_different_base: bool = False) -> nn.Module:
     """Apply the adapter saved in `directory` to `model` and load its weights; returns the model.
 
-    Reads peftkit directories and ones Hugging Face peft wrote. The model is left exactly as it
-    was when anything fails. `allow_different_base=True` accepts a base whose weights differ from
-    the one the adapter was trained on (shapes must still match): see `fingerprint.py` for what
-    counts as the same base (a bf16 or fp16 copy of it does).
+    Reads peftkit directories and ones Hugging Face peft wrote. A directory saved from a model with several
+    adapters (the adapter "default" in it, the others in subdirectories) loads them all when no `name` is
+    given; `name=` loads `directory/<name>` if there is one, else the adapter in `directory` under that name.
+    The model is left exactly as it was when anything fails. `allow_different_base=True` accepts a base
+    whose weights differ from the one the adapter was trained on (shapes must still match): see
+    `fingerprint.py` for what counts as the same base (a bf16 or fp16 copy of it does).
     """
     directory = Path(directory)
+    if name is None:
+        found = saved_adapters(directory)
+        if len(found) > 1 or (found and found[0][0] != DEFAULT):
+            undo = ModelSnapshot(model)
+            try:
+                for each, path in found:
+                    load(model, path, name=each, allow_different_base=allow_different_base)
+            except BaseException:
+                undo.restore()
+                raise
+            return model
+    elif adapter_format(directory / name) is not None:
+        directory = directory / name
     if adapter_format(directory) == "peft":
         from .peft_format import read_peft
 
         cfg, tensors_for = read_peft(directory)
-        return _apply_and_fill(model, cfg, tensors_for)
-    if has_adapter(model):
-        raise ConfigError("model already has a peftkit adapter; call peftkit.unload(model) first")
+        return _apply_and_fill(model, cfg, tensors_for, name)
+    if has_adapter(model) and name is None:
+        raise ConfigError("model already has a peftkit adapter; call peftkit.unload(model) first, or load this one "
+                          "under another name (peftkit.load(model, directory, name=...))")
     cfg, meta, tensors = read_adapter(directory)
     differ = check_fingerprint(meta.get("base_fingerprint", {}), model)
     if differ and not (allow_different_base and all("weights differ" in d for d in differ)):
@@ -319,17 +362,37 @@ def load(model: nn.Module, directory: str | os.PathLike, *, allow_different_base
             "this adapter was trained on a different base model; modules that differ: "
             + _few(differ) + ". Pass allow_different_base=True to load it anyway (shapes must match)."
         )
-    return _apply_and_fill(model, cfg, lambda m: tensors)
+    return _apply_and_fill(model, cfg, lambda m: tensors, name)
 
 
-def _apply_and_fill(model: nn.Module, cfg: AdapterConfig, tensors_for) -> nn.Module:
+def saved_adapters(directory: Path) -> list[tuple[str, Path]]:
+    """(name, path) of the adapters in a directory: its own ("default") and its subdirectories' (peft's layout),
+    in the order they were applied when peftkit saved them (`adapter_order.json`), else "default" first."""
+    found = [(DEFAULT, directory)] if adapter_format(directory) is not None else []
+    if directory.is_dir():
+        found += [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and adapter_format(p) is not None]
+    order = read_json_list(directory / ORDER_FILE) if (directory / ORDER_FILE).is_file() else []
+    return sorted(found, key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+
+
+def read_json_list(path: Path) -> list[str]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err}); save the adapters again") from err
+    if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+        raise AdapterFileError(f"{path} must hold a JSON list of adapter names")
+    return data
+
+
+def _apply_and_fill(model: nn.Module, cfg: AdapterConfig, tensors_for, name: str | None = None) -> nn.Module:
     # filled inside apply's rollback: a failure (a bad tensor, after_load, KeyboardInterrupt) puts the model
     # back bit for bit, where unload would only subtract a PiSSA residual again
-    return apply(model, cfg, init=False, fill=lambda m: load_adapter_state_dict(m, tensors_for(m)))
+    return apply(model, cfg, name=name, init=False, fill=lambda m: load_adapter_state_dict(m, tensors_for(m)))
 
 
-def load_weights(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_weights(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Load saved adapter weights into a model that already has the same adapter applied."""
     _, _, tensors = read_adapter(directory)
-    load_adapter_state_dict(model, tensors)
+    load_adapter_state_dict(model, tensors, name)
     return model

@@ -18,6 +18,12 @@ Otherwise `unmerge` subtracts the update again (see `unmerge` for how exact that
 
 The base layer keeps its own state-dict keys: the wrapper's `base.` prefix is stripped on save and
 restored on load, so `model.state_dict()` of an adapted model still reads like the original model's.
+
+Named adapters stack: a second adapter on the same module wraps the first layer (`base` is then an
+AdapterLayer; `weights.plain` finds the user's module under the chain, and attributes the wrapper lacks
+are read from it). `is_active` is the adapter's switch (`set_active`), `enabled` the model-wide one
+(`disabled`), and `router` routes the samples of a mixed-adapter batch (`core.routing`): a layer then
+runs its update on its own samples only.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from . import weights
+from .config import ConfigError
 from .snapshot import TensorSnapshot
 
 
@@ -50,11 +57,27 @@ class AdapterLayer(nn.Module):
     """True when `reset_parameters` or `after_load` write into the base's tensors (PiSSA's residual): `apply`
     then copies the base first, to roll a failed apply back bit for bit, and unties a shared base weight."""
 
+    per_sample: bool = True
+    """False for methods whose update cannot act on some samples of a batch only (see `core.routing`)."""
+
+    routes_itself: bool = False
+    """True for methods that act through hooks elsewhere in the model (soft prompts, LLaMA-Adapter's attention,
+    VQT's head): in a mixed-adapter call they run as usual and weigh their effect per sample themselves
+    (`sample_weights`); the default runs the update on the layer's own samples only (`routed_forward`)."""
+
+    wraps_base: bool = True
+    """Marks adapter layers for `weights.plain` (which core/weights.py cannot import)."""
+
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.merged = False
         self.enabled = True
+        self.is_active = True
+        """Off while its named adapter is not among the active ones (`set_active`)."""
+        self.adapter_name = "default"
+        self.router = None
+        """The model's `routing.Router` (set by `apply`), consulted only during a mixed-adapter call."""
         self.added_bias = False
         """Set while merged when merging created the base's bias (see `merge_adds_bias`)."""
         self.tied: dict[str, nn.Parameter] = {}
@@ -122,9 +145,100 @@ class AdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.merged:
             return self.base(x, *args, **kwargs)
-        if not self.enabled:
+        if self.router is not None and self.router.routing and self.enabled and not self.routes_itself:
+            return self.routed_forward(x, *args, **kwargs)
+        if self.routes_itself and self.routing():
+            return self.adapted_forward(x, *args, **kwargs) if self.enabled else self.base_forward(x, *args, **kwargs)
+        if not (self.enabled and self.is_active):
             return self.base_forward(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
+
+    def routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A mixed-adapter batch: y = base(x) for every sample, then y_i += w_i (f(x_i) - y_i) for the samples
+        that name this adapter (f = this layer's adapted forward), computed on those samples only."""
+        if not self.per_sample:
+            raise ConfigError(self.mixed_batch_problem(None))
+        y = self.base_forward(x, *args, **kwargs)
+        rows = self.router.rows(self.adapter_name, x.shape[0], x.device)
+        if rows is None:
+            return y
+        index, scale = rows
+        ours = y.index_select(0, index)
+        if self.routes_by_adapt():
+            new = self.adapt(x.index_select(0, index), ours.clone() if scale is not None else ours)
+        else:  # the base must see a changed input, or the init changed the base: run both on these samples
+            with self.router.narrowed(index, x.shape[0]):
+                new = self.adapted_forward(x.index_select(0, index), *args, **kwargs)
+        if scale is not None:
+            new = ours + scale.to(new.dtype).view(-1, *[1] * (new.dim() - 1)) * (new - ours)
+        if y._base is None and y.data_ptr() != x.data_ptr() and not torch.is_grad_enabled():
+            return y.index_copy_(0, index, new.to(y.dtype))  # inference: no copy of the whole output
+        return y.index_copy(0, index, new.to(y.dtype))
+
+    def mixed_batch_problem(self, root: nn.Module) -> str | None:
+        """Why this layer cannot take part in a mixed-adapter call on `root` (None when it can)."""
+        if self.per_sample:
+            return None
+        return (f"{type(self).__name__} (adapter {self.adapter_name!r}) cannot run on some samples of a batch only, "
+                "so it does not support mixed-adapter batches (adapter_names=); run its samples in a batch of "
+                "their own with peftkit.set_active")
+
+    def routes_by_adapt(self) -> bool:
+        """True when `adapted_forward(x)` is `adapt(x, base(x))` and `base_forward` is the base (a fused kernel
+        may compute the same): a mixed-adapter call then reuses the base output and runs `adapt` on the
+        layer's own samples; otherwise it runs `adapted_forward` on them."""
+        return type(self).adapted_forward is AdapterLayer.adapted_forward and \
+            type(self).base_forward is AdapterLayer.base_forward
+
+    def stacked(self) -> bool:
+        """True when this layer wraps another adapter's layer: a fused kernel reading the base weight would skip it."""
+        return isinstance(self.base, AdapterLayer)
+
+    def routing(self) -> bool:
+        """True during a mixed-adapter call (`core.routing`)."""
+        return self.router is not None and self.router.routing
+
+    def sample_weights(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """This adapter's weight for each of `batch` samples (0 where a sample does not name it) during a
+        mixed-adapter call; None otherwise (then the adapter acts on every sample while active)."""
+        if not self.routing():
+            return None
+        rows = self.router.rows(self.adapter_name, batch, device)
+        out = torch.zeros(batch, device=device)
+        if rows is not None:
+            out[rows[0]] = 1.0 if rows[1] is None else rows[1]
+        return out
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks come from the user's module (`in_features` ...); never from an adapter
+        layer it wraps (two stacked layers of one method each keep their own buffers)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base")
+            if base is None or name.startswith("_"):
+                raise
+            return getattr(weights.plain(base), name)
+
+    @property
+    def plain_base(self) -> nn.Module:
+        """The user's module under this layer and any adapter layers it wraps."""
+        return weights.plain(self.base)
+
+    def adapter_keys(self) -> set[str]:
+        """State-dict keys of this layer's own tensors and of the adapter layers it wraps, relative to it."""
+        own = {n for n, _ in self.named_parameters() if not n.startswith("base.")}
+        own |= {n for n, _ in _persistent_buffers(self) if not n.startswith("base.")}
+        inner = self._modules["base"]
+        if isinstance(inner, AdapterLayer):
+            own |= {"base." + k for k in inner.adapter_keys()}
+        return own
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's own parameters and persistent buffers (not the base's, not a wrapped adapter's)."""
+        out = {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
+        out |= {n: b for n, b in _persistent_buffers(self) if not n.startswith("base.")}
+        return out
 
     @property
     def weight(self) -> torch.Tensor:
@@ -155,7 +269,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         new_weight, new_bias, adds_bias = self._merged_tensors(safe)
-        copy = TensorSnapshot(self.base, skip_values=tuple(untie))
+        copy = TensorSnapshot(self.plain_base, skip_values=tuple(untie))
         try:
             self.untie(untie)
             weights.set_weight(self.base, new_weight)
@@ -221,14 +335,14 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name in self.tied:
                 continue
-            shared = self.base._parameters[name]
+            shared = self.plain_base._parameters[name]
             self.tied[name] = shared
-            self.base._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            self.plain_base._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
 
     def retie(self) -> None:
         """Put the shared parameters `untie` swapped out back (their values were never written)."""
         for name, shared in self.tied.items():
-            self.base._parameters[name] = shared
+            self.plain_base._parameters[name] = shared
         self.tied.clear()
 
     def forget_base(self) -> None:
@@ -261,17 +375,34 @@ class AdapterLayer(nn.Module):
         return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
 
 
+def _persistent_buffers(module: nn.Module):
+    for name, buffer in module.named_buffers():
+        owner, _, local = name.rpartition(".")
+        if local not in module.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, buffer
+
+
 def _strip_base_prefix(module, state_dict, prefix, local_metadata) -> None:
+    """The user's module keeps its keys: `<prefix>base.weight` -> `<prefix>weight` (keys of stacked adapter
+    layers under `base` keep theirs: which keys those are is known by type, not guessed from names)."""
+    inner = module._modules["base"]
+    stacked = inner.adapter_keys() if isinstance(inner, AdapterLayer) else set()
     for key in [k for k in state_dict if k.startswith(prefix + "base.")]:
-        state_dict[prefix + key[len(prefix) + 5 :]] = state_dict.pop(key)
+        tail = key[len(prefix) + 5 :]
+        if tail not in stacked:
+            state_dict[prefix + tail] = state_dict.pop(key)
 
 
 def _add_base_prefix(module, state_dict, prefix, *args) -> None:
+    """The inverse of `_strip_base_prefix`: a key of the user's module goes to it under the whole chain."""
     own = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    depth, inner = 1, module._modules["base"]
+    while isinstance(inner, AdapterLayer):
+        depth, inner = depth + 1, inner._modules["base"]
     for key in [k for k in state_dict if k.startswith(prefix)]:
         local = key[len(prefix) :]
-        if local not in own and "base." + local in own:
-            state_dict[prefix + "base." + local] = state_dict.pop(key)
+        if local not in own and "base." * depth + local in own:
+            state_dict[prefix + "base." * depth + local] = state_dict.pop(key)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

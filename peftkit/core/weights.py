@@ -28,8 +28,16 @@ except ImportError:  # pragma: no cover
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
 
 
+def plain(module: nn.Module) -> nn.Module:
+    """The user's own module under the adapter layers wrapping it (named adapters stack: each wraps the last)."""
+    while getattr(type(module), "wraps_base", False):
+        module = module._modules["base"]
+    return module
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """'linear', 'conv1d', 'embedding', 'conv2d' or None for a module no weight method supports."""
+    module = plain(module)
     if hasattr(module, "peftkit_layer_kind"):
         return module.peftkit_layer_kind
     if isinstance(module, nn.Linear):
@@ -53,6 +61,7 @@ def is_norm(module: nn.Module) -> bool:
     Why the name: transformers' RMSNorms (LlamaRMSNorm, T5LayerNorm, Qwen2RMSNorm ...) share no base
     class, and transformers itself finds them by name (Trainer's weight-decay exclusion).
     """
+    module = plain(module)
     if isinstance(module, NORM_TYPES):
         return True
     return type(module).__name__.endswith("Norm") and next(module.children(), None) is None
@@ -71,6 +80,7 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The base weight in canonical `(d_out, d_in, *kernel)` layout (a view where possible)."""
+    module = plain(module)
     if hasattr(module, "peftkit_get_weight"):
         return module.peftkit_get_weight()
     kind = layer_kind(module)
@@ -86,6 +96,7 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
     Written through the Parameter itself, not `.data`, so its version counter moves: caches keyed on the
     weight's version (DoRA's ||W0|| per row) see the write."""
+    module = plain(module)
     if hasattr(module, "peftkit_set_weight"):
         module.peftkit_set_weight(weight)
         return
@@ -96,6 +107,7 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 def get_bias(module: nn.Module) -> torch.Tensor | None:
     """The base bias or None."""
+    module = plain(module)
     bias = getattr(module, "bias", None)
     return None if bias is None else bias.detach()
 
@@ -107,6 +119,7 @@ def set_bias(module: nn.Module, bias: torch.Tensor) -> None:
     Why create one: a merge that shifts the output by a constant (LoFiT's W_o v) needs a bias to fold
     into, and Llama-style layers have none. `remove_bias` takes it away again.
     """
+    module = plain(module)
     if getattr(module, "bias", None) is not None:
         module.bias.data.copy_(bias.to(module.bias.dtype))
         return
@@ -118,12 +131,13 @@ def set_bias(module: nn.Module, bias: torch.Tensor) -> None:
 
 def can_add_bias(module: nn.Module) -> bool:
     """True for plain nn.Linear / nn.Conv2d layers, whose forward uses a bias once it is set."""
+    module = plain(module)
     return isinstance(module, nn.Linear | nn.Conv2d) and not hasattr(module, "peftkit_get_weight")
 
 
 def remove_bias(module: nn.Module) -> None:
     """Make the module bias-free again (undoes a bias that `set_bias` created)."""
-    module.bias = None
+    plain(module).bias = None
 
 
 def weight_checksum(module: nn.Module) -> dict:

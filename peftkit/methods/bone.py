@@ -189,6 +189,11 @@ class BoneLinear(AdapterLayer):
         nn.init.zeros_(self.bone_blocks)
 
     def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.stacked():  # on another adapter: its output plus this one's weight-space update
+            w = weights.get_weight(self.base)
+            y = self.base(x, *args, **kwargs)
+            update = block_affine_weight(w, self.bone_blocks) - w
+            return y + torch.nn.functional.linear(x.to(update.dtype), update).to(y.dtype)
         # the base's own bias Parameter, so a bias trained elsewhere keeps its gradient
         return block_affine_linear(x, weights.get_weight(self.base), self.bias, self.bone_blocks)
 

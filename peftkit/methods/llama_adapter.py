@@ -39,6 +39,7 @@ import torch.nn as nn
 from ..core import peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
+from ..core.inject import plain_modules
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -81,7 +82,7 @@ class LlamaAdapterConfig(AdapterConfig):
             raise ConfigError("peft's adaption prompt has no modules_to_save; save with format='peftkit'")
         adapted = get_state(model).adapted
         attribute = adapted[0].rsplit(".", 1)[-1]
-        candidates = [n for n, _ in model.named_modules() if n.endswith("." + attribute)]
+        candidates = [n for n, _ in plain_modules(model) if n.endswith("." + attribute)]
         if candidates[-len(adapted):] != adapted:
             raise ConfigError(f"peft adapts the top {len(adapted)} modules named '{attribute}', not exactly "
                               f"{adapted}; drop `layers`/`exclude` or save with format='peftkit'")
@@ -106,6 +107,7 @@ class AdaptedAttention(AdapterLayer):
     """A Llama-style attention module plus a gated attention to K learned prompt tokens."""
 
     mergeable = False
+    routes_itself = True  # the o_proj hook weighs the prompt attention per sample
     peft_names = {"adaption_prompt": "adaption_prompt", "adaption_gate": "adaption_gate"}
 
     def __init__(self, base: nn.Module, adapter_len: int) -> None:
@@ -160,7 +162,11 @@ class AdaptedAttention(AdapterLayer):
             return None
         query, self._query = self._query, None
         o = args[0]
-        return (o + self.prompt_attention(query, *self._rope).to(o.dtype), *args[1:])
+        extra = self.prompt_attention(query, *self._rope).to(o.dtype)
+        share = self.sample_weights(o.shape[0], o.device)  # a mixed-adapter call: its samples only
+        if share is not None:
+            extra = extra * share.to(o.dtype).view(-1, *[1] * (extra.dim() - 1))
+        return (o + extra, *args[1:])
 
     def prompt_attention(self, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """g softmax(q_rot K_p^T / sqrt(d_head)) V_p for query projections (b, s, H d_head) -> (b, s, H d_head)."""

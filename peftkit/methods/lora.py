@@ -220,6 +220,9 @@ class LoRALayer(AdapterLayer):
         if hasattr(self, "lora_A0"):
             self._shift_base(+1.0)
 
+    def routes_by_adapt(self) -> bool:
+        return not hasattr(self, "lora_A0")  # the fused forward is adapt(x, base(x)); PiSSA's base is not the base
+
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
         if not hasattr(self, "lora_A0"):

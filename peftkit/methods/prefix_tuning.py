@@ -56,6 +56,8 @@ from .soft_prompt import (
     forward_arg_names,
     init_rows,
     pad_columns,
+    samples_on,
+    set_positions,
 )
 
 
@@ -135,6 +137,9 @@ class PrefixTuningConfig(AdapterConfig):
 class PrefixLayer(AdapterLayer):
     """Holds every layer's prefixes on the input embeddings; a pre-hook puts them in the KV cache.
 
+    Mixed-adapter batches: the prefix is in the cache for every sample and masked for those that do not
+    name the adapter (`_inject_routed`).
+
     The prefix shapes depend on the whole model (layers, key/value heads), which `build` does not
     see, so the parameters are made in `on_attach`; `reset_parameters` (run before it by `apply`)
     only marks them for initialisation there.
@@ -157,6 +162,8 @@ class PrefixLayer(AdapterLayer):
         self._checkpointed: list[nn.Module] = []  # modules with a gradient_checkpointing flag
         self._limit: tuple[int, bool] | None = None  # (positions, absolute): soft_prompt.check_room
         self._model = ""
+
+    routes_itself = True
 
     def peft_key(self, module_name: str, local: str) -> str:
         return "prompt_embeddings"  # peft stores prompt learning weights without a module path
@@ -237,6 +244,7 @@ class PrefixLayer(AdapterLayer):
             self._make_parameters()
         if self._init_pending:
             self._initialise()
+        self._root_name_holder = (root,)  # a tuple: not registered as a submodule
         self._hooks = (backbone.register_forward_pre_hook(self._inject, with_kwargs=True),
                        backbone.register_forward_hook(self._drop_own_cache))
 
@@ -246,7 +254,7 @@ class PrefixLayer(AdapterLayer):
         self._hooks = ()
 
     def _inject(self, backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.enabled:
+        if not self.enabled or not (self.is_active or self.routing()):
             return None
         if backbone.training and torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointed):
             raise RuntimeError("prefix tuning needs the KV cache, which transformers drops under gradient "
@@ -256,6 +264,8 @@ class PrefixLayer(AdapterLayer):
         if tokens is None:
             return (), kwargs  # the model itself says that it needs input_ids or inputs_embeds
         batch, seq = tokens.shape[:2]
+        if self.routing():
+            return self._inject_routed(kwargs, batch, seq, tokens.device)
         cache = cache_in(kwargs)
         for key in CACHE_KEYS:
             kwargs.pop(key, None)
@@ -281,6 +291,40 @@ class PrefixLayer(AdapterLayer):
             kwargs["position_ids"] = torch.arange(start, start + seq, device=tokens.device).unsqueeze(0)
         return (), kwargs
 
+    def _inject_routed(self, kwargs: dict, batch: int, seq: int, device: torch.device) -> tuple[tuple, dict]:
+        """A mixed-adapter call: the prefix goes into the cache for every sample, and the attention mask shows it
+        only to the samples that name this adapter; their tokens are numbered after it (`shift_positions`),
+        the others' as without it, so each sample computes what it computes alone."""
+        n, name = self.num_virtual_tokens, self.adapter_name
+        on = samples_on(self, batch, device, self.cfg.method)
+        cache = cache_in(kwargs)
+        for key in CACHE_KEYS:
+            kwargs.pop(key, None)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            self._own_cache = cache if kwargs.get("use_cache") is False else None
+        filled = cache.__dict__.setdefault("peftkit_prefixes", {})  # adapter name -> columns, in cache order
+        past_real = cache_length(cache) - sum(filled.values())
+        if name not in filled:
+            if past_real:
+                raise ConfigError(f"prefix adapter {name!r} joined a mixed-adapter call after its first step; name it "
+                                  "in adapter_names from the start (the cache holds tokens without its prefix)")
+            self._fill(cache, batch, on)
+            filled[name] = n
+        kwargs[self._cache_key] = cache
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            at = list(filled).index(name)
+            before = sum(list(filled.values())[:at])  # earlier prefixes' mask columns, in cache order
+            columns = on.view(-1, 1).expand(-1, n).to(mask.dtype)
+            kwargs["attention_mask"] = torch.cat([mask[:, :before], columns, mask[:, before:]], dim=1)
+        set_positions(self._root_name_holder[0], self._arg_names, self._limit, kwargs, on,
+                      n if self.cfg.shift_positions else 0, seq, False, past_real, self.cfg.method)
+        kwargs.pop("cache_position", None)
+        return (), kwargs
+
     def _drop_own_cache(self, backbone: nn.Module, args: tuple, output):
         # a model called with use_cache=False returns no cache; Llama would return the one made here, and
         # generate(use_cache=False) would then feed it back with the whole sequence again
@@ -289,14 +333,17 @@ class PrefixLayer(AdapterLayer):
             return type(output)(**{k: v for k, v in output.items() if k != "cache"})  # "cache" leaves its keys
         return output
 
-    def _fill(self, cache, batch: int) -> None:
-        """Put every layer's prefix keys and values into an empty cache, (batch, heads, n, head size) each."""
+    def _fill(self, cache, batch: int, on: torch.Tensor | None = None) -> None:
+        """Put every layer's prefix keys and values into an empty cache, (batch, heads, n, head size) each
+        (zeros for the samples of a mixed-adapter call that do not name this adapter: `on`)."""
         device = self.base.weight.device
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.base.weight.dtype
         states = self.prefix_states().to(dtype).permute(1, 2, 0, 3)  # (2L, heads, n, hd)
         for layer in range(self.kv_shape[0]):
             keys, values = (states[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
+            if on is not None:
+                keys, values = (t * on.view(-1, 1, 1, 1).to(t.dtype) for t in (keys, values))
             cache.update(keys, values, layer)
 
 

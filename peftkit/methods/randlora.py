@@ -292,7 +292,7 @@ class RandLoRALinear(AdapterLayer):
         return self.scaling * (core.t() if self.transposed else core)
 
     def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.training and isinstance(self.dropout, nn.Dropout):
+        if self.stacked() or (self.training and isinstance(self.dropout, nn.Dropout)):  # the kernel reads W itself
             y = self.base(x, *args, **kwargs)
             delta = self.delta_weight()
             return y + F.linear(self.dropout(x).to(delta.dtype), delta).to(y.dtype)

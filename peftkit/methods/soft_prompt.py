@@ -41,6 +41,7 @@ class SoftPromptLayer(AdapterLayer):
     """Holds a soft prompt on the input embeddings; a pre-hook on the model prepends it to every input."""
 
     mergeable = False
+    routes_itself = True  # mixed-adapter batches: see `_rewrite_routed`
 
     def __init__(self, base: nn.Module, num_virtual_tokens: int) -> None:
         super().__init__(base)
@@ -49,6 +50,15 @@ class SoftPromptLayer(AdapterLayer):
         self._arg_names: list[str] = []
         self._limit: tuple[int, bool] | None = None  # (positions, absolute) of the model
         self._model = ""  # how errors name the model
+
+    def mixed_batch_problem(self, root: nn.Module) -> str | None:
+        if type(root).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+            return None
+        method = getattr(getattr(self, "cfg", None), "method", type(self).__name__)
+        return (f"{method} (adapter {self.adapter_name!r}) supports mixed-adapter batches (adapter_names=) on causal "
+                f"language models only: {type(root).__name__} reads the first position, which is a prompt column for "
+                "some samples and not for others; run each adapter's samples in a batch of their own "
+                "(peftkit.set_active)")
 
     # --- what a soft-prompt method provides ---------------------------------------------------
     def soft_prompt(self) -> torch.Tensor:
@@ -84,9 +94,11 @@ class SoftPromptLayer(AdapterLayer):
             self._hook = None
 
     def _rewrite_inputs(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.enabled:
+        if not self.enabled or not (self.is_active or self.routing()):
             return None
         kwargs = call_keywords(self._arg_names, args, kwargs)
+        if self.routing():
+            return self._rewrite_routed(root, kwargs)
         n = self.num_virtual_tokens
         past = cache_in(kwargs)
         past_length = cache_length(past)
@@ -110,6 +122,90 @@ class SoftPromptLayer(AdapterLayer):
             pos = kwargs["cache_position"] + n
             kwargs["cache_position"] = torch.cat([torch.arange(n, device=pos.device), pos]) if first_step else pos
         return (), kwargs
+
+
+    def _rewrite_routed(self, root: nn.Module, kwargs: dict) -> tuple[tuple, dict]:
+        """A mixed-adapter call: every sample gets n columns in front; the prompt (and DePT's embedding update)
+        where the sample names this adapter, a masked-out zero column elsewhere. Each sample's positions are
+        passed explicitly, numbered as if it ran alone, so its real tokens' outputs are those of running it
+        alone (with its own prompt, or none); they are the last columns of the output for every sample."""
+        n, method = self.num_virtual_tokens, getattr(getattr(self, "cfg", None), "method", type(self).__name__)
+        past_length = cache_length(cache_in(kwargs))
+        first_step = past_length == 0
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = self.base(kwargs.pop("input_ids"))
+        kwargs.pop("input_ids", None)
+        batch = embeds.shape[0]
+        on = samples_on(self, batch, embeds.device, method)
+        placed = self.router.scratch.get("prompt_columns", 0) if first_step else 0  # other prompts' columns
+        real = embeds[:, placed:]
+        check_length(self._limit, self._model, method, n, max(past_length - n, 0), real.shape[1],
+                     prompt_in_past=not first_step)
+        adjusted = self.adjust_embeddings(real, max(past_length - n, 0))
+        real = torch.where(on.view(-1, 1, 1), adjusted, real)
+        if first_step:
+            prompt = self.soft_prompt().to(embeds.dtype).unsqueeze(0) * on.view(-1, 1, 1).to(embeds.dtype)
+            embeds = torch.cat([prompt, embeds[:, :placed], real], dim=1)
+            pad_columns(kwargs, "labels", n, -100, batch)
+            pad_columns(kwargs, "token_type_ids", n, 0, batch)
+            self.router.scratch["prompt_columns"] = placed + n
+        else:
+            embeds = real
+        kwargs["inputs_embeds"] = embeds
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            kwargs["attention_mask"] = torch.cat([on.view(-1, 1).expand(-1, n).to(mask.dtype), mask], dim=1)
+        set_positions(root, self._arg_names, self._limit, kwargs, on, n, real.shape[1], first_step,
+                      max(past_length - n, 0), method)
+        kwargs.pop("cache_position", None)
+        return (), kwargs
+
+
+def samples_on(layer: AdapterLayer, batch: int, device: torch.device, method: str) -> torch.Tensor:
+    """(batch,) bool: the samples of a mixed-adapter call that name this prompt adapter."""
+    weight = layer.sample_weights(batch, device)
+    if bool(((weight != 0) & (weight != 1)).any()):
+        raise ConfigError(f"{method} (adapter {layer.adapter_name!r}): a prompt is in a sample or not, so its "
+                          "adapter_weights must be 0 or 1; fractional weights mix weight-space updates only")
+    return weight != 0
+
+
+def position_start(root: nn.Module) -> int:
+    """The first position id of the model's numbering (RoBERTa: padding_idx + 1; OPT adds its offset itself)."""
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions"):
+            if isinstance(getattr(module, "offset", None), int) or module.padding_idx is None:
+                return 0
+            return module.padding_idx + 1
+    return 0
+
+
+def set_positions(root: nn.Module, arg_names: list[str], limit, kwargs: dict, on: torch.Tensor, n: int, seq: int,
+                  new_columns: bool, past_real: int, method: str) -> None:
+    """Per-sample position ids for a mixed-adapter call: a sample that names the adapter numbers its tokens
+    after the n positions of its prompt/prefix, the others as without it (`new_columns`: n columns were
+    prepended in this call, numbered 0..n-1 for the samples that use them)."""
+    if "position_ids" not in arg_names:
+        if limit is not None and limit[1]:
+            raise ConfigError(f"{method}: {type(root).__name__} has absolute positions but takes no position_ids, "
+                              "so samples with and without the prompt cannot be numbered apart in one batch")
+        return
+    start = position_start(root)
+    given = kwargs.get("position_ids")
+    if given is None:
+        given = start + past_real + torch.arange(seq, device=on.device).unsqueeze(0)
+    elif given.shape[-1] > seq:  # another prompt adapter in this call numbered its own columns already
+        given = given[..., -seq:]
+        head = kwargs["position_ids"][..., :-seq]
+    shifted = given.expand(on.shape[0], -1) + on.long().unsqueeze(1) * n
+    parts = []
+    if new_columns:
+        prompt = torch.arange(n, device=on.device).unsqueeze(0) + start
+        parts.append(torch.where(on.view(-1, 1), prompt, torch.full_like(prompt, start)))
+    if kwargs.get("position_ids") is not None and kwargs["position_ids"].shape[-1] > seq:
+        parts.append(head.expand(on.shape[0], -1))
+    kwargs["position_ids"] = torch.cat([*parts, shifted], dim=1)
 
 
 def forward_arg_names(module: nn.Module) -> list[str]:

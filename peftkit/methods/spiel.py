@@ -141,6 +141,11 @@ class SpIELLinear(AdapterLayer):
             self.sparse_index.copy_(random_subset(self.d_out * self.d_in, self.k, self.sparse_index.device))
 
     def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.stacked():  # on another adapter: its output plus this sparse update (the kernel reads W0 itself)
+            y = self.base(x, *args, **kwargs)
+            delta = torch.zeros(self.d_out * self.d_in, dtype=self.sparse_values.dtype, device=x.device)
+            delta = delta.index_put((self.sparse_index,), self.sparse_values).view(self.d_out, self.d_in)
+            return y + torch.nn.functional.linear(x.to(delta.dtype), delta).to(y.dtype)
         device = x.device.type
         if torch.is_autocast_enabled(device):  # cast once here; the Function runs with explicit dtypes
             with torch.autocast(device, enabled=False):

@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 
 from ..core import weights
+from ..core.adapters import plain_parameters
 from ..core.apply import has_adapter
 from ..core.calibration import batch_loss
 from ..core.config import AdapterConfig, ConfigError
@@ -361,16 +362,11 @@ def select(model: nn.Module, cfg: SPTConfig) -> list[str]:
     if missing:
         raise ConfigError(f"the SPT plan names matrices that are not target linear layers of this model: "
                           f"{missing[:5]}; run spt_plan on this model with the same targets")
-    params = dict(model.named_parameters())
-    names = []
-    for name in plan["vectors"]:
-        module_name, _, local = name.rpartition(".")
-        wrapped = module_name and _is_adapted(model, module_name)
-        adapted = f"{module_name}.base.{local}" if wrapped else name
-        if adapted not in params:
-            raise ConfigError(f"the SPT plan names parameter {name}, which this model lacks; run spt_plan on it")
-        names.append(adapted)
-    return names
+    params = plain_parameters(model)  # the model's own names, whichever adapters wrap the modules
+    missing = [n for n in plan["vectors"] if n not in params]
+    if missing:
+        raise ConfigError(f"the SPT plan names parameter {missing[0]}, which this model lacks; run spt_plan on it")
+    return list(plan["vectors"])
 
 
 def _is_adapted(model: nn.Module, name: str) -> bool:

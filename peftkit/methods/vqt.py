@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
+from ..core.inject import get_module, plain_modules
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -136,6 +136,7 @@ class VQTBlocks(AdapterLayer):
     """The block container with query tokens per block; owns the new head (see the module docstring)."""
 
     mergeable = False
+    routes_itself = True  # the blocks' output is the frozen one; the head hook weighs the logits per sample
 
     def __init__(self, blocks: nn.Module, cfg: VQTConfig, name: str) -> None:
         super().__init__(blocks)
@@ -170,7 +171,12 @@ class VQTBlocks(AdapterLayer):
             nn.init.zeros_(self.classifier.bias)
 
     def on_attach(self, root: nn.Module) -> None:
-        others = [n for n, m in root.named_modules() if isinstance(m, VQTBlocks) and m is not self]
+        stacked = [m.adapter_name for m in root.modules() if isinstance(m, VQTBlocks) and m is not self
+                   and m.adapter_name != self.adapter_name]
+        if stacked:
+            raise ConfigError(f"VQT replaces the head's logits, and adapter {stacked[0]!r} is a VQT already: two VQT "
+                              "adapters cannot share a model; delete it first (peftkit.delete)")
+        others = [n for n, m in plain_modules(root) if isinstance(m, VQTBlocks) and m is not self]
         if others:
             raise ConfigError(f"VQT targets matched several block containers ({others} and this one); name one")
         head = _find_head(root, self.head_name)
@@ -204,7 +210,7 @@ class VQTBlocks(AdapterLayer):
         return x
 
     def _replace_logits(self, head: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not self.enabled:
+        if not self.enabled or not (self.is_active or self.routing()):
             return None
         summaries, self.summaries = self.summaries, None
         if summaries is None:
@@ -215,8 +221,9 @@ class VQTBlocks(AdapterLayer):
         groups = [cls, *(s.flatten(1) for s in summaries)]  # (b, d_c), L x (b, T d)
         if self.normalize:
             groups = [F.normalize(g.to(torch.promote_types(g.dtype, torch.float32)), dim=-1) for g in groups]
-        logits = self.classifier(torch.cat([g.to(self.classifier.weight.dtype) for g in groups], dim=-1))
-        return logits.to(output.dtype)
+        logits = self.classifier(torch.cat([g.to(self.classifier.weight.dtype) for g in groups], dim=-1)).to(output.dtype)
+        share = self.sample_weights(logits.shape[0], logits.device)  # a mixed-adapter call: its samples only
+        return logits if share is None else output + share.to(output.dtype).view(-1, 1) * (logits - output)
 
     def extra_repr(self) -> str:
         layers, tokens, dim = self.queries.shape
@@ -283,7 +290,7 @@ def _find_head(root: nn.Module, name: str) -> nn.Module:
 
 
 def _patch_size(root: nn.Module) -> int:
-    for name, module in root.named_modules():
+    for name, module in plain_modules(root):
         if (name == "patch_embed.proj" or name.endswith(".patch_embed.proj")) and isinstance(module, nn.Conv2d):
             return int(module.kernel_size[0])
     raise ConfigError("VQT found no patch_embed.proj Conv2d to read the patch size from; set VQTConfig.patch_size")
