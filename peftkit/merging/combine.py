@@ -118,8 +118,19 @@ def _factor_space(how, factors, weights, x, opts) -> tuple[torch.Tensor, torch.T
             c = data_free_scale(b.float() @ a.float(), kept_b[i][0] @ kept_a[i][0], x)
             kept_a[i] = kept_a[i][0], math.sqrt(max(c, 0.0))
             kept_b[i] = kept_b[i][0], math.sqrt(max(c, 0.0))
-    a = _reduce(how, [m * c for m, c in kept_a], [r * g for r, g in zip(roots, signs, strict=True)], opts["sign"])
-    return a, _reduce(how, [m * c for m, c in kept_b], roots, opts["sign"])
+    a = _reduce_scaled(how, kept_a, [r * g for r, g in zip(roots, signs, strict=True)], opts["sign"])
+    return a, _reduce_scaled(how, kept_b, roots, opts["sign"])
+
+
+def _reduce_scaled(how: str, kept: list[tuple[torch.Tensor, float]], weights: list[float], sign_method: str):
+    """`_reduce` of the tensors m_i c_i; outside ties modes accumulated in place, so that no stack of the
+    n scaled copies is ever held (what kept the factor-space modes' peak above peft's)."""
+    if "ties" in how:
+        return _reduce(how, [m * c for m, c in kept], weights, sign_method)
+    out = torch.zeros_like(kept[0][0])
+    for (m, c), w in zip(kept, weights, strict=True):
+        out.add_(m, alpha=float(w * c))
+    return out
 
 
 def _sparsify(how: str, t: torch.Tensor, opts: dict) -> tuple[torch.Tensor, float]:
