@@ -1,0 +1,109 @@
+"""PETALface as a vision-demo row: two LoRAs mixed per image by a known quality score, vs single LoRAs.
+
+The vision demo's task (the project's ViT pretrained on Fashion-MNIST, adapted to MNIST-5k: 1,000
+train / 3,500 test images) with half of the train images and half of the test images blurred
+(peftkit/train/petalface.py: sigma = level * 2.5 px, level uniform in [0.5, 1], alpha = 1 - level;
+sharp images have alpha = 1). Every trained row has the demo's LoRA budget: r 8, alpha 16 on qkv,
+attn.proj, fc1, fc2, a fresh shared head, lr 1e-2, `--steps` steps of batch 64 (the demo's 300), 10%
+warm-up then linear decay. Rows, all tested on the same blurred/sharp test mix:
+
+* one LoRA: r 8 (and r 16, as many trainable parameters as PETALface's two r 8) on all train images;
+* PETALface: LoRA_low + LoRA_high trained jointly with per-sample alpha, tested with per-sample
+  alpha; the same trained model tested with alpha = 0 (LoRA_low alone), 1 (LoRA_high alone) and 0.5
+  for every image (the two mixed without the quality score);
+* separate LoRAs: r 8 trained on the blurred (sharp) train images only, same steps; and both routed by
+  the known quality (the blurred-only model on blurred test images, the sharp-only one on sharp).
+
+    .venv/bin/python benchmarks/petalface_demo.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from peftkit.train import petalface as pf
+
+ONE = partial(pf.mixture_collate, names=None)  # batches for a model with one adapter
+
+
+def run_seed(seed: int, train, test, steps: int, batch: int, lr: float) -> dict[str, dict]:
+    """Every row's test figures (and training time) for one training seed."""
+    rows: dict[str, dict] = {}
+    fit = partial(pf.train_adapters, steps=steps, batch_size=batch, lr=lr, seed=seed)
+    for r in (8, 16):
+        model = pf.build_model(two_loras=False, r=r, lora_alpha=2.0 * r, seed=seed)
+        trained = fit(model, train, ONE)
+        rows[f"one LoRA r{r}, all images"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
+    model = pf.build_model(two_loras=True, seed=seed)
+    trained = fit(model, train, pf.mixture_collate)
+    for label, alpha in (("PETALface, per-image alpha", None), ("PETALface model, LoRA_low alone (alpha 0)", 0.0),
+                         ("PETALface model, LoRA_high alone (alpha 1)", 1.0),
+                         ("PETALface model, alpha 0.5 for all", 0.5)):
+        started = time.perf_counter()
+        figures = pf.evaluate_quality(model, test, partial(pf.mixture_collate, alpha=alpha))
+        rows[label] = {**trained, **figures, "test_time_s": time.perf_counter() - started}
+    for part, mask in (("blurred", train.blurred), ("sharp", ~train.blurred)):
+        model = pf.build_model(two_loras=False, seed=seed)
+        trained = fit(model, Subset(train, mask.nonzero().flatten().tolist()), ONE)
+        rows[f"LoRA r8 on {part} train images only"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
+    low, high = rows["LoRA r8 on blurred train images only"], rows["LoRA r8 on sharp train images only"]
+    n_b, n_s = low["n_blurred"], low["n_sharp"]
+    rows["two separate LoRAs, routed by quality"] = {
+        "accuracy": (low["accuracy_blurred"] * n_b + high["accuracy_sharp"] * n_s) / (n_b + n_s),
+        "accuracy_sharp": high["accuracy_sharp"], "accuracy_blurred": low["accuracy_blurred"],
+        "time_s": low["time_s"] + high["time_s"],
+        "trainable_params": low["trainable_params"] + high["trainable_params"]}
+    return rows
+
+
+def table(per_seed: list[dict[str, dict]]) -> str:
+    """Markdown: mean (and std over seeds when several) of each row's accuracies, params, train time."""
+    def cell(name: str, key: str) -> str:
+        values = [rows[name][key] for rows in per_seed]
+        if len(values) == 1:
+            return f"{values[0]:.4f}"
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    lines = ["| row | test acc (all) | sharp half | blurred half | trainable params | train time (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in per_seed[0]:
+        time_s = statistics.mean(rows[name]["time_s"] for rows in per_seed)
+        lines.append(f"| {name} | {cell(name, 'accuracy')} | {cell(name, 'accuracy_sharp')} | "
+                     f"{cell(name, 'accuracy_blurred')} | {per_seed[0][name]['trainable_params']:,} | {time_s:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results/petalface.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    train = pf.quality_split("train", seed=0)  # which images are blurred, and how much, is fixed across seeds
+    test = pf.quality_split("test", seed=1)
+    per_seed = []
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        per_seed.append(run_seed(seed, train, test, args.steps, args.batch_size, args.lr))
+        text = table(per_seed)
+        print("\n" + text, flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "sigma_max": pf.SIGMA_MAX,
+                                              "rows": per_seed, "table": text}, indent=1))
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
