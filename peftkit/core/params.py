@@ -102,12 +102,14 @@ def _module_names(model: nn.Module, limit: int = 40) -> list[str]:
 def summary_rows(model: nn.Module) -> list[tuple[str, str, int]]:
     """(module, kind, trainable parameters) for every module that holds trainable parameters."""
     rows = []
+    named = len(getattr(getattr(model, "peftkit_state", None), "states", {})) > 1  # say which adapter
     for name, module in model.named_modules():
         own = [p for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        adapter = getattr(module, "adapter_parameters", None)
-        if adapter is not None:
-            own = [p for p in adapter().values() if p.requires_grad]
-            kind = type(module).__name__
+        if isinstance(module, AdapterLayer):
+            own = [p for p in module.adapter_parameters().values() if p.requires_grad]
+            kind = type(module).__name__ + (f" [{module.adapter_name}]" if named else "")
+            while name.endswith(".base") and isinstance(model.get_submodule(name[:-5]), AdapterLayer):
+                name = name[:-5]  # a stacked adapter's layer, shown under its module's own name
         else:
             if any(n.startswith("base.") for n, _ in module.named_parameters()):
                 continue  # counted by the enclosing AdapterLayer
