@@ -122,7 +122,7 @@ def test_a_failed_second_load_leaves_the_first_adapter_and_the_model_as_they_wer
 def _peft_two_adapters():
     base = tiny_llama()
     theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False))
-    theirs.add_adapter("fr", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["o_proj"], init_lora_weights=False))
+    theirs.add_adapter("fr", peft.LoraConfig(r=2, lora_alpha=2, target_modules=QV, init_lora_weights=False))
     return theirs.eval()
 
 
@@ -143,7 +143,7 @@ def test_peft_reads_a_peftkit_multi_adapter_directory(tmp_path):
     model = tiny_llama()
     peftkit.apply(model, peftkit.LoRAConfig(r=4, targets=QV))
     perturb(model, seed=3)
-    peftkit.apply(model, peftkit.LoRAConfig(r=2, targets=["o_proj"]), name="fr")
+    peftkit.apply(model, peftkit.LoRAConfig(r=2, targets=QV), name="fr")  # stacked on the same modules
     perturb(model, seed=5)
     peftkit.save(model, tmp_path, format="peft")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from .apply import get_state
 from .config import AdapterConfig, ConfigError
 from .files import check_finite, read_safetensors
-from .inject import get_module, matches
+from .inject import matches
 from .io import AdapterFileError, _few, adapter_state_dict, atomic_write, base_model_name, read_json
 from .layer import AdapterLayer
 from .params import parameters_of_modules
@@ -103,7 +103,7 @@ def peft_state_dict(model: nn.Module, peft_type: str, saved: list[str]) -> dict[
     state = get_state(model)
     out = {}
     for name in state.adapted:
-        layer: AdapterLayer = get_module(model, name)
+        layer: AdapterLayer = state.layers[name]
         for local, tensor in layer.peft_state().items():
             out[layer.peft_key(name, local)] = tensor
     params = dict(model.named_parameters())
@@ -270,7 +270,7 @@ def from_peft_keys(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: s
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
     for name in state.adapted:
-        layer: AdapterLayer = get_module(model, name)
+        layer: AdapterLayer = state.layers[name]
         for local in layer.peft_names:
             if f"{name}.{local}" not in expected:
                 continue

@@ -29,7 +29,6 @@ import torch.nn as nn
 from ..core import peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
 from ..core.registry import register
 from .lora import PEFT_LORA_INERT
 from .svd_lora import SVDLayer, init_factors
@@ -110,7 +109,7 @@ class AdaLoRAConfig(AdapterConfig):
     def to_peft_config(self, model: nn.Module) -> dict:
         """peft's AdaLoraConfig fields for this adapter on `model`, with the kept triplets as rank_pattern."""
         names = get_state(model).adapted
-        layers = {n: get_module(model, n) for n in names}
+        layers = {n: get_state(model).layers[n] for n in names}
         pattern = {f"{n}.lora_E": layer.peft_rank_pattern() for n, layer in layers.items()}
         pruned = any(not all(flags) for flags in pattern.values())
         kinds = {weights.layer_kind(layer.base) for layer in layers.values()}

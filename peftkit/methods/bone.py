@@ -49,7 +49,6 @@ import torch.nn.functional as F
 from ..core import peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
 from ..core.layer import AdapterLayer, MergeError
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -79,7 +78,7 @@ class BoneConfig(AdapterConfig):
     def to_peft_config(self, model: nn.Module) -> dict:
         """peft's MissConfig fields for this adapter on `model`, with exact module names."""
         names = get_state(model).adapted
-        conv1d = [n for n in names if weights.layer_kind(get_module(model, n).base) != "linear"]
+        conv1d = [n for n in names if weights.layer_kind(get_state(model).layers[n]) != "linear"]
         if conv1d:
             raise ConfigError(f"peft's MiSS adapts nn.Linear only, not GPT-2 Conv1D "
                               f"({', '.join(conv1d[:3])}); save this adapter with format='peftkit' (the default)")

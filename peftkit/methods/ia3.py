@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..core import architectures, peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module, matches
+from ..core.inject import matches
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -69,7 +69,7 @@ class IA3Config(AdapterConfig):
     def to_peft_config(self, model: nn.Module) -> dict:
         """peft's IA3Config fields for this adapter on `model`, with exact module names."""
         names = get_state(model).adapted
-        layers = {n: get_module(model, n) for n in names}
+        layers = {n: get_state(model).layers[n] for n in names}
         feedforward = sorted(n for n, layer in layers.items() if layer.feedforward)
         return {
             **peft_format.common_fields(model, self, self.peft_type),

@@ -46,7 +46,6 @@ import torch.nn as nn
 from ..core import peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -109,7 +108,7 @@ class DiffuseKronAConfig(AdapterConfig):
         """peft's LoKrConfig for this adapter: a decompose_factor that gives every layer's shapes, an r at
         which peft keeps w2 whole (r >= max(b1, b2) / 2) and alpha_peft = alpha * r (peft scales by alpha / r)."""
         names = get_state(model).adapted
-        layers = [get_module(model, n) for n in names]
+        layers = [get_state(model).layers[n] for n in names]
         if any(weights.layer_kind(layer.base) != "linear" for layer in layers):
             raise ConfigError("peft's LoKr adapts nn.Linear but not GPT-2 Conv1D layers; save this adapter with "
                               "format='peftkit'")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..core import peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module, matches
+from ..core.inject import matches
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lowrank import LinearLowRank, add_low_rank, owns_plain_linear
@@ -115,7 +115,7 @@ class LoRAConfig(AdapterConfig):
         names = get_state(model).adapted
         fold = INITS[self.init].changes_base
         r_factor, a_factor = (2, math.sqrt(2) if self.rslora else 2) if fold else (1, 1)
-        kinds = {weights.layer_kind(get_module(model, n).base) for n in names}
+        kinds = {weights.layer_kind(get_state(model).layers[n]) for n in names}
         return {
             **peft_format.common_fields(model, self, self.peft_type),
             "target_modules": peft_format.target_modules(model, names),

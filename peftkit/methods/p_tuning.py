@@ -30,7 +30,6 @@ import torch.nn as nn
 from ..core import peft_format
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
 from ..core.registry import register
 from .lora import adapter_dtype
 from .prompt_tuning import PromptTuningConfig
@@ -90,7 +89,7 @@ class PTuningConfig(AdapterConfig):
                               f"{', '.join(peft_format.TASK_TYPES)}")
         config = getattr(model, "config", None)
         (layer_name,) = get_state(model).adapted
-        width = get_module(model, layer_name).inputs.shape[1]
+        width = get_state(model).layers[layer_name].inputs.shape[1]
         return {**common, "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
                 "token_dim": width, "num_attention_heads": getattr(config, "num_attention_heads", None),
                 "num_layers": getattr(config, "num_hidden_layers", None),

@@ -25,7 +25,6 @@ import torch.nn as nn
 from ..core import peft_format
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
 from ..core.registry import register
 from .lora import adapter_dtype
 from .soft_prompt import SoftPromptLayer, init_rows
@@ -84,7 +83,7 @@ class PromptTuningConfig(AdapterConfig):
         (layer_name,) = get_state(model).adapted
         return {
             **common, "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
-            "token_dim": get_module(model, layer_name).prompt.shape[1],
+            "token_dim": get_state(model).layers[layer_name].prompt.shape[1],
             "num_attention_heads": getattr(config, "num_attention_heads", None),
             "num_layers": getattr(config, "num_hidden_layers", None),
             "prompt_tuning_init": "SAMPLE_VOCAB" if self.init == "vocab" else "RANDOM",

@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from ..core import peft_format, weights
 from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import get_module
 from ..core.layer import AdapterLayer
 from ..core.registry import register
 from .lora import adapter_dtype
@@ -95,7 +94,7 @@ class RandLoRAConfig(AdapterConfig):
     def to_peft_config(self, model: nn.Module) -> dict:
         """peft's RandLoraConfig fields for this adapter on `model`, with exact module names."""
         names = get_state(model).adapted
-        kinds = {weights.layer_kind(get_module(model, n).base) for n in names}
+        kinds = {weights.layer_kind(get_state(model).layers[n]) for n in names}
         return {
             **peft_format.common_fields(model, self, self.peft_type),
             "target_modules": peft_format.target_modules(model, names),
@@ -272,7 +271,7 @@ class RandLoRALinear(AdapterLayer):
         """Draw the bases once for the whole model (sized for the largest adapted layer) and share them."""
         if self.bases is not None:
             return
-        layers = [m for n in get_state(root).adapted if isinstance(m := get_module(root, n), RandLoRALinear)]
+        layers = [m for m in get_state(root).layers.values() if isinstance(m, RandLoRALinear)]
         bases = RandomBases(self.kind, self.seed, self.r, max(m.d_out for m in layers), max(m.d_in for m in layers),
                             self.randlora_lambda.device)
         for layer in layers:

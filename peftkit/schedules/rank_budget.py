@@ -29,7 +29,6 @@ import torch.nn as nn
 
 from ..core.apply import get_state
 from ..core.config import ConfigError
-from ..core.inject import get_module
 from ..core.schedule import MethodSchedule
 from ..methods.svd_lora import SVDLayer
 
@@ -176,7 +175,7 @@ class RankBudgetSchedule(MethodSchedule):
     def __init__(self, model: nn.Module, cfg, total_steps: int | None) -> None:
         super().__init__(model)
         self.cfg = cfg
-        self.layers: dict[str, SVDLayer] = {n: get_module(model, n) for n in get_state(model).adapted}
+        self.layers: dict[str, SVDLayer] = dict(get_state(model).layers)
         self.total = resolve_total(cfg, total_steps)
         self.ema = ImportanceEMA(cfg.beta1, cfg.beta2) if hasattr(cfg, "beta1") else None
         self.counters: dict[str, int | float | bool] = {}
