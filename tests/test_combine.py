@@ -268,3 +268,27 @@ def test_the_package_does_not_shadow_peftkit_merge():
     from peftkit.core.apply import merge
 
     assert peftkit.merge is merge
+
+
+def test_combine_and_compress_read_peft_lora_directories(tmp_path):
+    """A LoRA that Hugging Face peft saved combines (and compresses) as the same adapter saved by peftkit."""
+    import peft
+
+    from tiny_models import tiny_llama
+
+    peft_dirs, ours = [], []
+    for i in range(2):
+        torch.manual_seed(i)
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+        theirs.save_pretrained(tmp_path / f"peft{i}")
+        peft_dirs.append(tmp_path / f"peft{i}")
+        peftkit.save(peftkit.load(tiny_llama(), tmp_path / f"peft{i}"), tmp_path / f"ours{i}")
+        ours.append(tmp_path / f"ours{i}")
+    for how, options in (("cat", {}), ("ties", {"density": 0.5})):
+        _, _, from_peft = peftkit.combine(peft_dirs, [0.6, 0.4], how=how, **options)
+        _, _, from_ours = peftkit.combine(ours, [0.6, 0.4], how=how, **options)
+        assert from_peft.keys() == from_ours.keys()
+        assert all(torch.equal(from_peft[k], from_ours[k]) for k in from_ours)
+    _, _, small = peftkit.compress(peft_dirs[0], density=0.1)
+    assert small.keys() == peftkit.compress(ours[0], density=0.1)[2].keys()

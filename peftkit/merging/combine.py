@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..core.io import read_adapter
+from ..core.io import adapter_format, read_adapter
 from .compatible import CombineError, check_call
 from .prune import dare_mask, data_free_scale, disjoint_mean, magnitude_prune, majority_sign_mask
 
@@ -65,7 +65,7 @@ def combine(adapters: Sequence, weights: Sequence[float], how: str = "linear", *
         seed: seed of the masks (None: torch's global generator, as peft).
         allow_different_base: combine adapters whose base fingerprints differ.
     """
-    values = [read_adapter(a) if isinstance(a, str | os.PathLike) else tuple(a) for a in adapters]
+    values = [read_values(a) if isinstance(a, str | os.PathLike) else tuple(a) for a in adapters]
     check_call(values, weights, how, MODES, {"density": density, "majority_sign_method": majority_sign_method,
                "q": q, "inputs": inputs, "svd_rank": svd_rank}, allow_different_base)
     config, meta, tensors0 = values[0]
@@ -85,6 +85,15 @@ def combine(adapters: Sequence, weights: Sequence[float], how: str = "linear", *
     meta = {"base_model": meta.get("base_model"), "base_fingerprint": meta.get("base_fingerprint", {}),
             "combined": {"how": how, "weights": [float(w) for w in weights], "density": density}}
     return _result_config(config, ranks), meta, out
+
+
+def read_values(directory: str | os.PathLike) -> Adapter:
+    """An adapter directory as a value: peftkit's, or a plain LoRA that Hugging Face peft saved."""
+    if adapter_format(directory) == "peft":
+        from ..core.peft_format import read_peft_lora_values
+
+        return read_peft_lora_values(directory)
+    return read_adapter(directory)
 
 
 def _combine_module(how, factors, weights, svd_rank, x, opts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +216,7 @@ def tune_q(adapters: Sequence, weights: Sequence[float], score: Callable[[Adapte
     """
     if not how.startswith("dare"):
         raise CombineError(f"tune_q tunes DAREx-q's rescale, which applies to the dare modes, not {how!r}")
-    values = [read_adapter(a) if isinstance(a, str | os.PathLike) else tuple(a) for a in adapters]
+    values = [read_values(a) if isinstance(a, str | os.PathLike) else tuple(a) for a in adapters]
     scores: dict[float, float] = {}
     best: tuple[float, Adapter] | None = None
     for q in qs:

@@ -29,7 +29,7 @@ import os
 import torch
 
 from ..core.config import AdapterConfig, ConfigError
-from ..core.io import read_adapter
+from .combine import read_values
 
 Adapter = tuple[AdapterConfig, dict, dict[str, torch.Tensor]]
 
@@ -75,7 +75,7 @@ def compress(adapter: Adapter | str | os.PathLike, how: str = "compeft", *, dens
         raise ConfigError(f"density must be in (0, 1] (the kept fraction, e.g. 0.1), got {density!r}")
     if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"alpha must be a finite number > 0 (e.g. 1.0), got {alpha!r}")
-    config, meta, tensors = read_adapter(adapter) if isinstance(adapter, str | os.PathLike) else adapter
+    config, meta, tensors = read_values(adapter) if isinstance(adapter, str | os.PathLike) else adapter
     out, packed = {}, []
     for key, t in tensors.items():
         if t.is_floating_point() and t.numel() >= 2 and not any(e in key for e in exclude):
