@@ -32,8 +32,8 @@ class AdamR(torch.optim.AdamW):
                  initial: Iterable[torch.Tensor] | None = None, **kwargs) -> None:
         super().__init__(params, lr=lr, weight_decay=weight_decay, **kwargs)
         self.initial: dict[torch.Tensor, torch.Tensor] = {}
-        """θ_pre per parameter; not in `state_dict` (AdamW's state must stay its own): a resumed run passes
-        `initial` again."""
+        """θ_pre per parameter; `state_dict` carries it as each parameter's "anchor" (so a checkpoint resumes
+        toward the same values), and AdamW's own state stays as AdamW keeps it."""
         flat = [p for group in self.param_groups for p in group["params"]]
         starts = list(initial) if initial is not None else [p.detach() for p in flat]
         if len(starts) != len(flat):
@@ -63,3 +63,20 @@ class AdamR(torch.optim.AdamW):
             for group, decay in zip(self.param_groups, decays, strict=True):
                 group["weight_decay"] = decay
         return loss
+
+    def state_dict(self) -> dict:
+        """AdamW's state plus θ_pre per parameter ("anchor"), so a resumed run decays toward the same values."""
+        out = super().state_dict()
+        flat = [p for group in self.param_groups for p in group["params"]]
+        for index, p in enumerate(flat):
+            out["state"].setdefault(index, {})["anchor"] = self.initial[p]
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore AdamW's state and take θ_pre from the saved anchors (a parameter without one keeps its own)."""
+        state = {k: dict(v) for k, v in state_dict["state"].items()}
+        anchors = {int(k): v.pop("anchor") for k, v in state.items() if "anchor" in v}
+        super().load_state_dict({**state_dict, "state": {k: v for k, v in state.items() if v}})
+        flat = [p for group in self.param_groups for p in group["params"]]
+        for index, anchor in anchors.items():
+            self.initial[flat[index]] = anchor.detach().clone().to(flat[index].device, flat[index].dtype)

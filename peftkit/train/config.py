@@ -22,6 +22,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW decoupled weight decay on the trainable parameters."""
 
+    decay_to_init: bool = False
+    """Decay toward the values training started from instead of toward 0 (AdamR, DAREx-L2: keeps the
+    update small and centred, so it survives DARE's pruning at high drop rates); needs weight_decay > 0."""
+
     max_steps: int | None = None
     """Optimizer steps to run; when set it wins over `epochs`."""
 
@@ -98,6 +102,9 @@ class TrainConfig:
         checks = [
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (not self.decay_to_init or self.weight_decay > 0,
+             "decay_to_init pulls toward the starting values with strength weight_decay; set weight_decay > 0 "
+             "(e.g. 0.1)"),
             (self.max_steps is None or self.max_steps >= 1,
              f"max_steps must be >= 1 or None, got {self.max_steps}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),

@@ -101,6 +101,10 @@ def _build_optimizer(model: nn.Module, params: list[nn.Parameter], optimizer, cf
     groups = optimizer(model) if callable(optimizer) else param_groups(model, cfg.lr)
     if isinstance(groups, torch.optim.Optimizer):
         return groups
+    if cfg.decay_to_init:
+        from ..optim.adamr import AdamR
+
+        return AdamR(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
