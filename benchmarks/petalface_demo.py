@@ -34,25 +34,41 @@ from peftkit.train import petalface as pf
 ONE = partial(pf.mixture_collate, names=None)  # batches for a model with one adapter
 
 
-def run_seed(seed: int, train, test, steps: int, batch: int, lr: float) -> dict[str, dict]:
-    """Every row's test figures (and training time) for one training seed."""
+GROUPS = ("r8", "r16", "petalface", "separate")
+"""Row groups, each trained on its own (`--rows`, `--lr-of`)."""
+
+
+def run_seed(seed: int, train, test, steps: int, batch: int, lrs: dict[str, float],
+             groups: tuple[str, ...] = GROUPS) -> dict[str, dict]:
+    """Every row's test figures (and training time) for one training seed; `lrs`: learning rate per group."""
     rows: dict[str, dict] = {}
-    fit = partial(pf.train_adapters, steps=steps, batch_size=batch, lr=lr, seed=seed)
+    fit = partial(pf.train_adapters, steps=steps, batch_size=batch, seed=seed)
     for r in (8, 16):
-        model = pf.build_model(two_loras=False, r=r, lora_alpha=2.0 * r, seed=seed)
-        trained = fit(model, train, ONE)
-        rows[f"one LoRA r{r}, all images"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
-    model = pf.build_model(two_loras=True, seed=seed)
-    trained = fit(model, train, pf.mixture_collate)
-    for label, alpha in (("PETALface, per-image alpha", None), ("PETALface model, LoRA_low alone (alpha 0)", 0.0),
-                         ("PETALface model, LoRA_high alone (alpha 1)", 1.0),
-                         ("PETALface model, alpha 0.5 for all", 0.5)):
-        started = time.perf_counter()
-        figures = pf.evaluate_quality(model, test, partial(pf.mixture_collate, alpha=alpha))
-        rows[label] = {**trained, **figures, "test_time_s": time.perf_counter() - started}
+        if f"r{r}" in groups:
+            model = pf.build_model(two_loras=False, r=r, lora_alpha=2.0 * r, seed=seed)
+            trained = fit(model, train, ONE, lr=lrs[f"r{r}"])
+            rows[f"one LoRA r{r}, all images"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
+    if "petalface" in groups:
+        model = pf.build_model(two_loras=True, seed=seed)
+        trained = fit(model, train, pf.mixture_collate, lr=lrs["petalface"])
+        for label, alpha in (("PETALface, per-image alpha", None),
+                             ("PETALface model, LoRA_low alone (alpha 0)", 0.0),
+                             ("PETALface model, LoRA_high alone (alpha 1)", 1.0),
+                             ("PETALface model, alpha 0.5 for all", 0.5)):
+            started = time.perf_counter()
+            figures = pf.evaluate_quality(model, test, partial(pf.mixture_collate, alpha=alpha))
+            rows[label] = {**trained, **figures, "test_time_s": time.perf_counter() - started}
+    if "separate" in groups:
+        rows.update(separate_loras(fit, train, test, lrs["separate"], seed))
+    return rows
+
+
+def separate_loras(fit, train, test, lr: float, seed: int) -> dict[str, dict]:
+    """LoRA r8 trained on the blurred (sharp) train images only, and the two routed by the known quality."""
+    rows = {}
     for part, mask in (("blurred", train.blurred), ("sharp", ~train.blurred)):
         model = pf.build_model(two_loras=False, seed=seed)
-        trained = fit(model, Subset(train, mask.nonzero().flatten().tolist()), ONE)
+        trained = fit(model, Subset(train, mask.nonzero().flatten().tolist()), ONE, lr=lr)
         rows[f"LoRA r8 on {part} train images only"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
     low, high = rows["LoRA r8 on blurred train images only"], rows["LoRA r8 on sharp train images only"]
     n_b, n_s = low["n_blurred"], low["n_sharp"]
@@ -72,7 +88,7 @@ def table(per_seed: list[dict[str, dict]]) -> str:
             return f"{values[0]:.4f}"
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
-    lines = ["| row | test acc (all) | sharp half | blurred half | trainable params | train time (s) |",
+    lines = ["| row | accuracy (all) | sharp half | blurred half | trainable params | train time (s) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name in per_seed[0]:
         time_s = statistics.mean(rows[name]["time_s"] for rows in per_seed)
@@ -86,21 +102,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of every row group")
+    parser.add_argument("--lr-of", nargs="*", default=[], metavar="GROUP=LR",
+                        help=f"per-group learning rates, groups {', '.join(GROUPS)}")
+    parser.add_argument("--rows", nargs="+", default=list(GROUPS), choices=GROUPS)
+    parser.add_argument("--split", default="test", choices=["test", "validation"],
+                        help="evaluate on the 3,500 test images or the 500 validation images (choosing lrs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/petalface.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    lrs = {group: args.lr for group in GROUPS} | {k: float(v) for k, v in (kv.split("=") for kv in args.lr_of)}
     train = pf.quality_split("train", seed=0)  # which images are blurred, and how much, is fixed across seeds
-    test = pf.quality_split("test", seed=1)
+    evaluated = pf.quality_split(args.split, seed={"test": 1, "validation": 2}[args.split])
     per_seed = []
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        per_seed.append(run_seed(seed, train, test, args.steps, args.batch_size, args.lr))
+        per_seed.append(run_seed(seed, train, evaluated, args.steps, args.batch_size, lrs, tuple(args.rows)))
         text = table(per_seed)
         print("\n" + text, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"settings": vars(args), "sigma_max": pf.SIGMA_MAX,
+        Path(args.out).write_text(json.dumps({"settings": vars(args), "lrs": lrs, "sigma_max": pf.SIGMA_MAX,
                                               "rows": per_seed, "table": text}, indent=1))
     print(f"written: {args.out}")
 
