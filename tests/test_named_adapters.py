@@ -302,3 +302,24 @@ def test_mixed_batch_benchmark_runs_for_both_libraries():
     for lib in ("peftkit", "peft"):
         row = job(lib, "small", r=4, seq=4, repeats=1, threads=1)
         assert row["lib"] == lib and row["one_s"] > 0 and row["mixed_s"] > 0
+
+
+def test_two_active_rank_budget_adapters_train_together_each_on_its_own_budget():
+    """schedule_for with several active adapters runs each one's schedule (AdaLoRA's budget per adapter)."""
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.AdaLoRAConfig(init_r=4, target_r=2), name="a")
+    peftkit.apply(model, peftkit.LoRAConfig(r=2), name="b")
+    peftkit.apply(model, peftkit.AdaLoRAConfig(init_r=4, target_r=1, targets=["o_proj"]), name="c")
+    peftkit.set_active(model, ["a", "b", "c"])
+    schedule = peftkit.schedule_for(model, total_steps=20)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = example_inputs("llama")
+    for step in range(1, 21):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss + schedule.extra_loss(model)
+        loss.backward()
+        schedule.on_after_backward(step, model, optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, target in (("a", 2), ("c", 1)):
+        layers = peftkit.core.adapters.get_state(model, name).layers.values()
+        assert sum(int((layer.lora_E != 0).sum()) for layer in layers) == target * len(layers)

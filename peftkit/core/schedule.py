@@ -71,9 +71,55 @@ def register_schedule(config_cls: type[AdapterConfig]) -> Callable:
 
 
 def schedule_for(model: nn.Module, total_steps: int | None = None) -> MethodSchedule | None:
-    """The schedule of the model's adapter method, or None when the method needs no per-step work."""
-    from .apply import get_state
+    """The schedule of the model's adapter method, or None when the method needs no per-step work.
 
-    cfg = get_state(model).config
-    factory = _FACTORIES.get(cfg.method)
-    return None if factory is None else factory(model, cfg, total_steps)
+    With several active adapters (trained together), one schedule runs each adapter's own, each seeing
+    its adapter as the model's (`adapters.current`)."""
+    from .adapters import active_adapters, current, get_state
+
+    names = active_adapters(model)
+    if len(names) <= 1:
+        cfg = get_state(model).config
+        factory = _FACTORIES.get(cfg.method)
+        return None if factory is None else factory(model, cfg, total_steps)
+    made = {}
+    for name in names:
+        cfg = get_state(model, name).config
+        if cfg.method in _FACTORIES:
+            with current(model, name):
+                made[name] = _FACTORIES[cfg.method](model, cfg, total_steps)
+    return _Each(model, made) if made else None
+
+
+class _Each(MethodSchedule):
+    """The schedules of several active adapters, each run as if its adapter were the model's only one."""
+
+    def __init__(self, model: nn.Module, schedules: dict[str, MethodSchedule]) -> None:
+        super().__init__(model)
+        self.schedules = schedules
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        from .adapters import current
+
+        terms = []
+        for name, schedule in self.schedules.items():
+            with current(model, name):
+                terms.append(schedule.extra_loss(model))
+        terms = [t for t in terms if t is not None]
+        return sum(terms) if terms else None
+
+    def on_after_backward(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        from .adapters import current
+
+        for name, schedule in self.schedules.items():
+            with current(model, name):
+                schedule.on_after_backward(step, model, optimizer)
+
+    def state_dict(self) -> dict:
+        return {f"{name}/{key}": value for name, schedule in self.schedules.items()
+                for key, value in schedule.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, schedule in self.schedules.items():
+            prefix = name + "/"
+            schedule.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
