@@ -323,3 +323,37 @@ def test_two_active_rank_budget_adapters_train_together_each_on_its_own_budget()
     for name, target in (("a", 2), ("c", 1)):
         layers = peftkit.core.adapters.get_state(model, name).layers.values()
         assert sum(int((layer.lora_E != 0).sum()) for layer in layers) == target * len(layers)
+
+
+def test_training_with_several_adapters_on_the_model(tmp_path):
+    """Two LoRAs stacked on fc1 train together (backward through both fused kernels); checkpoints hold the one
+    adapter being trained and resume it; several active adapters with checkpoints are refused, saying why."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_toy import base_classifier, stack, toy_config, toy_data
+
+    from peftkit.train.loop import train
+
+    def two():
+        model = base_classifier(0)
+        torch.manual_seed(1)
+        peftkit.apply(model, peftkit.LoRAConfig(r=4, targets=["fc1"]), name="x")
+        peftkit.apply(model, peftkit.LoRAConfig(r=4, targets=["fc1", "fc2"]), name="y")
+        return model
+
+    model = two()
+    peftkit.set_active(model, ["x", "y"])
+    with pytest.raises(peftkit.ConfigError, match="a checkpoint holds one adapter"):
+        train(model, toy_data(32), None, toy_config(tmp_path / "a", max_steps=4, save_every=2), stack)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = train(model, toy_data(32), None, toy_config(tmp_path / "b", max_steps=4, save_every=0, eval_every=0),
+                   stack)
+    assert result["status"] == "completed"
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # both trained
+    assert {p.name for p in (tmp_path / "b" / "adapter").iterdir() if p.is_dir()} == {"x", "y"}
+    cut = toy_config(tmp_path / "c", max_steps=8, save_every=4, eval_every=0)
+    train(two(), toy_data(32), None, toy_config(tmp_path / "c", max_steps=4, save_every=4, eval_every=0), stack)
+    resumed = train(two(), toy_data(32), None, cut, stack, resume=True)  # "y" alone, from its checkpoint
+    assert resumed["status"] == "completed" and resumed["steps"] == 8

@@ -124,11 +124,18 @@ class LinearLowRank(torch.autograd.Function):
         sb = (b * scaling).t()  # scale the (d_out, r) factor, not the (tokens, d_out) product
         # the thin product first, then the base GEMM accumulates into it (beta = 1), where reading the
         # output costs next to nothing; the other order makes one more memory-bound pass over y
-        y = h @ sb if b0 is None else torch.addmm(b0, h, sb)
+        # written into a fresh tensor of the output's shape and returned as is: a view returned from a Function
+        # may not be modified in place later (an adapter stacked on this one adds into it)
+        out = x.new_empty(*x.shape[:-1], w0.shape[0], dtype=torch.result_type(h, sb))
+        y = out.view(-1, w0.shape[0])
+        if b0 is None:
+            torch.mm(h, sb, out=y)
+        else:
+            torch.addmm(b0, h, sb, out=y)
         y.addmm_(x2, w0.t())
         ctx.save_for_backward(x, h, w0, a, b)
         ctx.scaling = scaling
-        return y.view(*x.shape[:-1], w0.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save as safetensors_bytes
 
+from ..core.adapters import get_state
 from ..core.io import adapter_state_dict, load_adapter_state_dict, read_adapter, read_tensors, save
 
 LAST = "checkpoint-last"
@@ -186,7 +187,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
     temporary directories of other processes are deleted as left by a kill. Returns the directory.
     """
     output_dir = Path(output_dir)
-    tensors = adapter_state_dict(model)
+    trained = get_state(model).name  # with several adapters on the model: the one being trained
+    tensors = adapter_state_dict(model, trained)
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:  # the loop stops before this; a checkpoint must never be the first file to hold a diverged model
         raise CheckpointError(f"not writing checkpoint {step}: adapter tensor(s) {', '.join(bad[:5])} hold NaN or "
@@ -194,7 +196,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
     final = output_dir / checkpoint_name(step)
     tmp = output_dir / f".tmp-{final.name}-{os.getpid()}"
     _remove(tmp)
-    save(model, tmp)  # adapter weights + config: the directory is also a loadable adapter
+    save(model, tmp, name=trained)  # adapter weights + config: the directory is also a loadable adapter
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     _write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
     _write_tensors(tmp / RNG_FILE, rng[0])

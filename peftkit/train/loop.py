@@ -55,6 +55,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.adapters import active_adapters
 from ..core.apply import has_adapter
 from ..core.config import ConfigError
 from ..core.io import save
@@ -132,6 +133,7 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn:
         OutputDirError: another process trains in `output_dir`, or it holds another run's files and
             neither `resume` nor `overwrite` was given.
     """
+    _check_trained_adapters(model, cfg, resume)
     run = setup_distributed(cfg.device)
     was_training = model.training
     overwrite = cfg.overwrite if overwrite is None else overwrite
@@ -149,6 +151,15 @@ def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn:
         model.train(was_training)  # hand the model back in the mode it came in
         if run.owns_group:
             dist.destroy_process_group()
+
+
+def _check_trained_adapters(model: nn.Module, cfg: TrainConfig, resume) -> None:
+    """Checkpoints hold the one adapter being trained; several active adapters train together only without them."""
+    active = active_adapters(model)
+    if len(active) > 1 and (cfg.save_every or resume):
+        raise ConfigError(f"adapters {active} are active and would train together, but a checkpoint holds one "
+                          "adapter; train without checkpoints (save_every=0, no resume), or one adapter at a time "
+                          "(peftkit.set_active(model, name))")
 
 
 def _claim_output_dir(cfg: TrainConfig, resume, overwrite: bool, run: Dist, held: contextlib.ExitStack) -> None:
