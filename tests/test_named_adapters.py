@@ -332,9 +332,9 @@ def test_training_with_several_adapters_on_the_model(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from train_toy import base_classifier, stack, toy_config, toy_data
-
     from peftkit.train.loop import train
+
+    from train_toy import base_classifier, stack, toy_config, toy_data
 
     def two():
         model = base_classifier(0)
