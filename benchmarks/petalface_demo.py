@@ -38,16 +38,26 @@ GROUPS = ("r8", "r16", "petalface", "separate")
 """Row groups, each trained on its own (`--rows`, `--lr-of`)."""
 
 
-def run_seed(seed: int, train, test, steps: int, batch: int, lrs: dict[str, float],
+def scorer(test, validation=None):
+    """`(model, collate) -> figures` on `test`, with the validation figures under "validation" when given."""
+    def score(model, collate) -> dict:
+        figures = pf.evaluate_quality(model, test, collate)
+        if validation is not None:
+            figures["validation"] = pf.evaluate_quality(model, validation, collate)
+        return figures
+    return score
+
+
+def run_seed(seed: int, train, score, steps: int, batch: int, lrs: dict[str, float],
              groups: tuple[str, ...] = GROUPS) -> dict[str, dict]:
-    """Every row's test figures (and training time) for one training seed; `lrs`: learning rate per group."""
+    """Every row's figures (`score`) and training time for one training seed; `lrs`: learning rate per group."""
     rows: dict[str, dict] = {}
     fit = partial(pf.train_adapters, steps=steps, batch_size=batch, seed=seed)
     for r in (8, 16):
         if f"r{r}" in groups:
             model = pf.build_model(two_loras=False, r=r, lora_alpha=2.0 * r, seed=seed)
             trained = fit(model, train, ONE, lr=lrs[f"r{r}"])
-            rows[f"one LoRA r{r}, all images"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
+            rows[f"one LoRA r{r}, all images"] = {**trained, **score(model, ONE)}
     if "petalface" in groups:
         model = pf.build_model(two_loras=True, seed=seed)
         trained = fit(model, train, pf.mixture_collate, lr=lrs["petalface"])
@@ -56,20 +66,20 @@ def run_seed(seed: int, train, test, steps: int, batch: int, lrs: dict[str, floa
                              ("PETALface model, LoRA_high alone (alpha 1)", 1.0),
                              ("PETALface model, alpha 0.5 for all", 0.5)):
             started = time.perf_counter()
-            figures = pf.evaluate_quality(model, test, partial(pf.mixture_collate, alpha=alpha))
+            figures = score(model, partial(pf.mixture_collate, alpha=alpha))
             rows[label] = {**trained, **figures, "test_time_s": time.perf_counter() - started}
     if "separate" in groups:
-        rows.update(separate_loras(fit, train, test, lrs["separate"], seed))
+        rows.update(separate_loras(fit, train, score, lrs["separate"], seed))
     return rows
 
 
-def separate_loras(fit, train, test, lr: float, seed: int) -> dict[str, dict]:
+def separate_loras(fit, train, score, lr: float, seed: int) -> dict[str, dict]:
     """LoRA r8 trained on the blurred (sharp) train images only, and the two routed by the known quality."""
     rows = {}
     for part, mask in (("blurred", train.blurred), ("sharp", ~train.blurred)):
         model = pf.build_model(two_loras=False, seed=seed)
         trained = fit(model, Subset(train, mask.nonzero().flatten().tolist()), ONE, lr=lr)
-        rows[f"LoRA r8 on {part} train images only"] = {**trained, **pf.evaluate_quality(model, test, ONE)}
+        rows[f"LoRA r8 on {part} train images only"] = {**trained, **score(model, ONE)}
     low, high = rows["LoRA r8 on blurred train images only"], rows["LoRA r8 on sharp train images only"]
     n_b, n_s = low["n_blurred"], low["n_sharp"]
     rows["two separate LoRAs, routed by quality"] = {
@@ -107,18 +117,22 @@ def main() -> None:
                         help=f"per-group learning rates, groups {', '.join(GROUPS)}")
     parser.add_argument("--rows", nargs="+", default=list(GROUPS), choices=GROUPS)
     parser.add_argument("--split", default="test", choices=["test", "validation"],
-                        help="evaluate on the 3,500 test images or the 500 validation images (choosing lrs)")
+                        help="the split of the table: the 3,500 test images or the 500 validation images")
+    parser.add_argument("--also-validation", action="store_true",
+                        help="score every trained model on validation too (in the JSON), to choose lrs")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results/petalface.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lrs = {group: args.lr for group in GROUPS} | {k: float(v) for k, v in (kv.split("=") for kv in args.lr_of)}
     train = pf.quality_split("train", seed=0)  # which images are blurred, and how much, is fixed across seeds
-    evaluated = pf.quality_split(args.split, seed={"test": 1, "validation": 2}[args.split])
+    blur_seed = {"test": 1, "validation": 2}
+    evaluated = pf.quality_split(args.split, seed=blur_seed[args.split])
+    score = scorer(evaluated, pf.quality_split("validation", seed=2) if args.also_validation else None)
     per_seed = []
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        per_seed.append(run_seed(seed, train, evaluated, args.steps, args.batch_size, lrs, tuple(args.rows)))
+        per_seed.append(run_seed(seed, train, score, args.steps, args.batch_size, lrs, tuple(args.rows)))
         text = table(per_seed)
         print("\n" + text, flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
