@@ -93,3 +93,40 @@ def test_stacked_on_another_adapter_at_init_keeps_its_output(row):
     peftkit.set_active(model, ["inner", "outer"])
     with torch.no_grad():
         torch.testing.assert_close(output_of(model, inputs), expected, atol=row.atol, rtol=1e-5)
+
+
+GENERATE_CASES = [
+    ("llama", lambda: peftkit.LoRAConfig(r=4), {"num_beams": 2}),
+    ("gpt2", lambda: peftkit.LoRAConfig(r=4), {"num_beams": 2, "num_return_sequences": 2}),
+    *[(m, lambda: peftkit.PromptTuningConfig(num_virtual_tokens=3), {}) for m in ("llama", "gpt2")],
+    *[(m, lambda: peftkit.PrefixTuningConfig(num_virtual_tokens=3), {}) for m in ("llama", "gpt2")],
+    ("llama", lambda: peftkit.PTuningConfig(num_virtual_tokens=2, encoder_hidden=8), {}),
+    ("gpt2", lambda: peftkit.DePTConfig(num_virtual_tokens=2, r=2, max_length=8), {}),
+    ("llama", lambda: peftkit.LlamaAdapterConfig(adapter_len=3, adapter_layers=1), {}),
+]
+
+
+@pytest.mark.parametrize("kind,config,options", GENERATE_CASES,
+                         ids=[f"{c().method}-{m}-{'-'.join(o) or 'greedy'}" for m, c, o in GENERATE_CASES])
+def test_mixed_batch_generate_equals_each_sample_generated_alone(kind, config, options):
+    """Later decoding steps too: the cache holds every routed prompt/prefix, masked per sample; beam search
+    and num_return_sequences repeat each sample's entry."""
+    model = MODELS[kind](0).eval()
+    peftkit.apply(model, config(), name="a")
+    perturb(model, seed=3)
+    peftkit.apply(model, config(), name="b")
+    perturb(model, seed=5)
+    ids = example_inputs(kind, batch=3)["input_ids"]
+    names, kw = ["a", peftkit.BASE, "b"], {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, **options}
+    per = options.get("num_return_sequences", 1)
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
+        for i, name in enumerate(names):
+            row = ids[i : i + 1]
+            if name == peftkit.BASE:
+                with peftkit.disabled(model):
+                    alone = model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kw)
+            else:
+                peftkit.set_active(model, name)
+                alone = model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kw)
+            assert torch.equal(mixed[i * per : (i + 1) * per], alone), name

@@ -315,7 +315,9 @@ class PrefixLayer(AdapterLayer):
             filled[name] = n
         kwargs[self._cache_key] = cache
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
+        if mask is None:  # generate drops an all-ones mask; the prefix columns need one
+            mask = torch.ones(batch, past_real + seq, dtype=torch.long, device=device)
+        if mask.dim() == 2:
             at = list(filled).index(name)
             before = sum(list(filled.values())[:at])  # earlier prefixes' mask columns, in cache order
             columns = on.view(-1, 1).expand(-1, n).to(mask.dtype)

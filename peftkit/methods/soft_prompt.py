@@ -130,8 +130,13 @@ class SoftPromptLayer(AdapterLayer):
         passed explicitly, numbered as if it ran alone, so its real tokens' outputs are those of running it
         alone (with its own prompt, or none); they are the last columns of the output for every sample."""
         n, method = self.num_virtual_tokens, getattr(getattr(self, "cfg", None), "method", type(self).__name__)
-        past_length = cache_length(cache_in(kwargs))
+        cache = cache_in(kwargs)
+        past_length = cache_length(cache)
         first_step = past_length == 0
+        # the prompts of this call sit in the cache from its first step on: each records its columns there, so
+        # later steps know how many cached positions are real tokens (several prompt adapters may be routed)
+        prompts = cache.__dict__.setdefault("peftkit_prompt_columns", {}) if cache is not None else {}
+        past_real = past_length - sum(prompts.values()) if not first_step else 0
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             embeds = self.base(kwargs.pop("input_ids"))
@@ -140,24 +145,24 @@ class SoftPromptLayer(AdapterLayer):
         on = samples_on(self, batch, embeds.device, method)
         placed = self.router.scratch.get("prompt_columns", 0) if first_step else 0  # other prompts' columns
         real = embeds[:, placed:]
-        check_length(self._limit, self._model, method, n, max(past_length - n, 0), real.shape[1],
-                     prompt_in_past=not first_step)
-        adjusted = self.adjust_embeddings(real, max(past_length - n, 0))
-        real = torch.where(on.view(-1, 1, 1), adjusted, real)
+        check_length(self._limit, self._model, method, n, past_real, real.shape[1], prompt_in_past=not first_step)
+        real = torch.where(on.view(-1, 1, 1), self.adjust_embeddings(real, past_real), real)
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # generate drops an all-ones mask; the prompt columns need one
+            mask = torch.ones(batch, past_real + real.shape[1], dtype=torch.long, device=embeds.device)
         if first_step:
             prompt = self.soft_prompt().to(embeds.dtype).unsqueeze(0) * on.view(-1, 1, 1).to(embeds.dtype)
             embeds = torch.cat([prompt, embeds[:, :placed], real], dim=1)
             pad_columns(kwargs, "labels", n, -100, batch)
             pad_columns(kwargs, "token_type_ids", n, 0, batch)
             self.router.scratch["prompt_columns"] = placed + n
+            prompts[self.adapter_name] = n
         else:
             embeds = real
         kwargs["inputs_embeds"] = embeds
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
+        if mask.dim() == 2:
             kwargs["attention_mask"] = torch.cat([on.view(-1, 1).expand(-1, n).to(mask.dtype), mask], dim=1)
-        set_positions(root, self._arg_names, self._limit, kwargs, on, n, real.shape[1], first_step,
-                      max(past_length - n, 0), method)
+        set_positions(root, self._arg_names, self._limit, kwargs, on, n, real.shape[1], first_step, past_real, method)
         kwargs.pop("cache_position", None)
         return (), kwargs
 
