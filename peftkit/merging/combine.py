@@ -97,8 +97,12 @@ def read_values(directory: str | os.PathLike) -> Adapter:
 
 
 def _combine_module(how, factors, weights, svd_rank, x, opts) -> tuple[torch.Tensor, torch.Tensor]:
-    if how == "cat":
-        a = torch.cat([w * s * a.float() for (a, _, s), w in zip(factors, weights, strict=True)])
+    if how == "cat":  # written into the result directly: no scaled copies held next to it
+        a = torch.cat([a.float() for a, _, _ in factors])
+        offset = 0
+        for (part, _, s), w in zip(factors, weights, strict=True):
+            a[offset : offset + part.shape[0]].mul_(w * s)
+            offset += part.shape[0]
         return a, torch.cat([b.float() for _, b, _ in factors], dim=1)
     if how in FACTOR_MODES:
         return _factor_space(how, factors, weights, x, opts)
@@ -120,6 +124,10 @@ def _factor_space(how, factors, weights, x, opts) -> tuple[torch.Tensor, torch.T
     """peft's factor-space modes: A' = op_i(sign·√|w_i s_i| A_i), B' = op_i(√|w_i s_i| B_i)."""
     roots = [math.sqrt(abs(w * s)) for (_, _, s), w in zip(factors, weights, strict=True)]
     signs = [1.0 if w * s >= 0 else -1.0 for (_, _, s), w in zip(factors, weights, strict=True)]
+    a_weights = [r * g for r, g in zip(roots, signs, strict=True)]
+    if x is None and "ties" not in how:  # a running sum: one pruned factor alive at a time (all A masks first, as peft)
+        return (_streamed_sum(how, [a for a, _, _ in factors], a_weights, opts),
+                _streamed_sum(how, [b for _, b, _ in factors], roots, opts))
     kept_a = [_sparsify(how, a.float(), opts) for a, _, _ in factors]  # all A masks, then all B masks
     kept_b = [_sparsify(how, b.float(), opts) for _, b, _ in factors]
     if x is not None:  # DAREx-q data-free: 1/q on each factor, 1/q² the least-squares scale of the product
@@ -127,8 +135,15 @@ def _factor_space(how, factors, weights, x, opts) -> tuple[torch.Tensor, torch.T
             c = data_free_scale(b.float() @ a.float(), kept_b[i][0] @ kept_a[i][0], x)
             kept_a[i] = kept_a[i][0], math.sqrt(max(c, 0.0))
             kept_b[i] = kept_b[i][0], math.sqrt(max(c, 0.0))
-    a = _reduce_scaled(how, kept_a, [r * g for r, g in zip(roots, signs, strict=True)], opts["sign"])
-    return a, _reduce_scaled(how, kept_b, roots, opts["sign"])
+    return _reduce_scaled(how, kept_a, a_weights, opts["sign"]), _reduce_scaled(how, kept_b, roots, opts["sign"])
+
+
+def _streamed_sum(how: str, tensors: list[torch.Tensor], weights: list[float], opts: dict) -> torch.Tensor:
+    out = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    for t, w in zip(tensors, weights, strict=True):
+        kept, c = _sparsify(how, t.float(), opts)
+        out.add_(kept, alpha=float(w * c))
+    return out
 
 
 def _reduce_scaled(how: str, kept: list[tuple[torch.Tensor, float]], weights: list[float], sign_method: str):
