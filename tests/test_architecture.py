@@ -7,7 +7,8 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "peftkit"
 # lower index = lower layer; a module may import its own layer and the ones below it
-LAYERS = ["core", "quant", "methods", "schedules", "optim", "merging", "serve", "search", "federated", "train", "cli"]
+LAYERS = ["core", "quant", "methods", "schedules", "optim", "merging", "serve", "search", "federated", "train", "transfer",
+          "cli"]
 
 
 def _layer(path: pathlib.Path) -> str | None:
