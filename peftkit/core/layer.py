@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from . import weights
-from .config import ConfigError
+from .routing import PerSample
 from .snapshot import TensorSnapshot
 
 
@@ -40,7 +40,7 @@ class MergeError(RuntimeError):
     """Merging would corrupt the base weights (non-finite values) or is not supported."""
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(PerSample, nn.Module):
     """Wraps one base module; enable/disable/merge/unmerge live here and nowhere else."""
 
     mergeable: bool = True
@@ -56,14 +56,6 @@ class AdapterLayer(nn.Module):
     rewrites_base: bool = False
     """True when `reset_parameters` or `after_load` write into the base's tensors (PiSSA's residual): `apply`
     then copies the base first, to roll a failed apply back bit for bit, and unties a shared base weight."""
-
-    per_sample: bool = True
-    """False for methods whose update cannot act on some samples of a batch only (see `core.routing`)."""
-
-    routes_itself: bool = False
-    """True for methods that act through hooks elsewhere in the model (soft prompts, LLaMA-Adapter's attention,
-    VQT's head): in a mixed-adapter call they run as usual and weigh their effect per sample themselves
-    (`sample_weights`); the default runs the update on the layer's own samples only (`routed_forward`)."""
 
     wraps_base: bool = True
     """Marks adapter layers for `weights.plain` (which core/weights.py cannot import)."""
@@ -153,61 +145,9 @@ class AdapterLayer(nn.Module):
             return self.base_forward(x, *args, **kwargs)
         return self.adapted_forward(x, *args, **kwargs)
 
-    def routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """A mixed-adapter batch: y = base(x) for every sample, then y_i += w_i (f(x_i) - y_i) for the samples
-        that name this adapter (f = this layer's adapted forward), computed on those samples only."""
-        if not self.per_sample:
-            raise ConfigError(self.mixed_batch_problem(None))
-        y = self.base_forward(x, *args, **kwargs)
-        rows = self.router.rows(self.adapter_name, x.shape[0], x.device)
-        if rows is None:
-            return y
-        index, scale = rows
-        ours = y.index_select(0, index)
-        if self.routes_by_adapt():
-            new = self.adapt(x.index_select(0, index), ours.clone() if scale is not None else ours)
-        else:  # the base must see a changed input, or the init changed the base: run both on these samples
-            with self.router.narrowed(index, x.shape[0]):
-                new = self.adapted_forward(x.index_select(0, index), *args, **kwargs)
-        if scale is not None:
-            new = ours + scale.to(new.dtype).view(-1, *[1] * (new.dim() - 1)) * (new - ours)
-        if y._base is None and y.data_ptr() != x.data_ptr() and not torch.is_grad_enabled():
-            return y.index_copy_(0, index, new.to(y.dtype))  # inference: no copy of the whole output
-        return y.index_copy(0, index, new.to(y.dtype))
-
-    def mixed_batch_problem(self, root: nn.Module) -> str | None:
-        """Why this layer cannot take part in a mixed-adapter call on `root` (None when it can)."""
-        if self.per_sample:
-            return None
-        return (f"{type(self).__name__} (adapter {self.adapter_name!r}) cannot run on some samples of a batch only, "
-                "so it does not support mixed-adapter batches (adapter_names=); run its samples in a batch of "
-                "their own with peftkit.set_active")
-
-    def routes_by_adapt(self) -> bool:
-        """True when `adapted_forward(x)` is `adapt(x, base(x))` and `base_forward` is the base (a fused kernel
-        may compute the same): a mixed-adapter call then reuses the base output and runs `adapt` on the
-        layer's own samples; otherwise it runs `adapted_forward` on them."""
-        return type(self).adapted_forward is AdapterLayer.adapted_forward and \
-            type(self).base_forward is AdapterLayer.base_forward
-
     def stacked(self) -> bool:
         """True when this layer wraps another adapter's layer: a fused kernel reading the base weight would skip it."""
         return isinstance(self.base, AdapterLayer)
-
-    def routing(self) -> bool:
-        """True during a mixed-adapter call (`core.routing`)."""
-        return self.router is not None and self.router.routing
-
-    def sample_weights(self, batch: int, device: torch.device) -> torch.Tensor | None:
-        """This adapter's weight for each of `batch` samples (0 where a sample does not name it) during a
-        mixed-adapter call; None otherwise (then the adapter acts on every sample while active)."""
-        if not self.routing():
-            return None
-        rows = self.router.rows(self.adapter_name, batch, device)
-        out = torch.zeros(batch, device=device)
-        if rows is not None:
-            out[rows[0]] = 1.0 if rows[1] is None else rows[1]
-        return out
 
     def __getattr__(self, name: str):
         """Attributes the wrapper lacks come from the user's module (`in_features` ...); never from an adapter

@@ -240,3 +240,70 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence, adapter_weights: Sequ
     with routed_router(router, adapter_names, adapter_weights):
         check_layers(model, router)
         yield model
+
+
+class PerSample:
+    """What an adapter layer does in a mixed-adapter call (a base of `AdapterLayer`; its attributes `router`,
+    `adapter_name`, `per_sample` ... are set there)."""
+
+    per_sample: bool = True
+    """False for methods whose update cannot act on some samples of a batch only (see `core.routing`)."""
+
+    routes_itself: bool = False
+    """True for methods that act through hooks elsewhere in the model (soft prompts, LLaMA-Adapter's attention,
+    VQT's head): in a mixed-adapter call they run as usual and weigh their effect per sample themselves
+    (`sample_weights`); the default runs the update on the layer's own samples only (`routed_forward`)."""
+
+    def routed_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """A mixed-adapter batch: y = base(x) for every sample, then y_i += w_i (f(x_i) - y_i) for the samples
+        that name this adapter (f = this layer's adapted forward), computed on those samples only."""
+        if not self.per_sample:
+            raise ConfigError(self.mixed_batch_problem(None))
+        y = self.base_forward(x, *args, **kwargs)
+        rows = self.router.rows(self.adapter_name, x.shape[0], x.device)
+        if rows is None:
+            return y
+        index, scale = rows
+        ours = y.index_select(0, index)
+        if self.routes_by_adapt():
+            new = self.adapt(x.index_select(0, index), ours.clone() if scale is not None else ours)
+        else:  # the base must see a changed input, or the init changed the base: run both on these samples
+            with self.router.narrowed(index, x.shape[0]):
+                new = self.adapted_forward(x.index_select(0, index), *args, **kwargs)
+        if scale is not None:
+            new = ours + scale.to(new.dtype).view(-1, *[1] * (new.dim() - 1)) * (new - ours)
+        if y._base is None and y.data_ptr() != x.data_ptr() and not torch.is_grad_enabled():
+            return y.index_copy_(0, index, new.to(y.dtype))  # inference: no copy of the whole output
+        return y.index_copy(0, index, new.to(y.dtype))
+
+    def mixed_batch_problem(self, root: nn.Module) -> str | None:
+        """Why this layer cannot take part in a mixed-adapter call on `root` (None when it can)."""
+        if self.per_sample:
+            return None
+        return (f"{type(self).__name__} (adapter {self.adapter_name!r}) cannot run on some samples of a batch only, "
+                "so it does not support mixed-adapter batches (adapter_names=); run its samples in a batch of "
+                "their own with peftkit.set_active")
+
+    def routes_by_adapt(self) -> bool:
+        """True when `adapted_forward(x)` is `adapt(x, base(x))` and `base_forward` is the base (a fused kernel
+        may compute the same): a mixed-adapter call then reuses the base output and runs `adapt` on the
+        layer's own samples; otherwise it runs `adapted_forward` on them."""
+        from .layer import AdapterLayer  # the defaults are AdapterLayer's (which imports this module)
+
+        return type(self).adapted_forward is AdapterLayer.adapted_forward and \
+            type(self).base_forward is AdapterLayer.base_forward
+
+    def routing(self) -> bool:
+        """True during a mixed-adapter call (`core.routing`)."""
+        return self.router is not None and self.router.routing
+
+    def sample_weights(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """This adapter's weight for each of `batch` samples (0 where a sample does not name it) during a
+        mixed-adapter call; None otherwise (then the adapter acts on every sample while active)."""
+        if not self.routing():
+            return None
+        rows = self.router.rows(self.adapter_name, batch, device)
+        out = torch.zeros(batch, device=device)
+        if rows is not None:
+            out[rows[0]] = 1.0 if rows[1] is None else rows[1]
+        return out
