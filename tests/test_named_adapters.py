@@ -357,3 +357,14 @@ def test_training_with_several_adapters_on_the_model(tmp_path):
     train(two(), toy_data(32), None, toy_config(tmp_path / "c", max_steps=4, save_every=4, eval_every=0), stack)
     resumed = train(two(), toy_data(32), None, cut, stack, resume=True)  # "y" alone, from its checkpoint
     assert resumed["status"] == "completed" and resumed["steps"] == 8
+
+
+def test_a_single_named_adapter_keeps_its_name_through_save_and_load(tmp_path):
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LoRAConfig(r=2), name="fr")
+    peftkit.save(model, tmp_path / "all")  # as peft: a non-default adapter in its own subdirectory
+    assert (tmp_path / "all" / "fr" / "peftkit_adapter.json").is_file()
+    assert peftkit.adapters(peftkit.load(tiny_llama(), tmp_path / "all")) == ["fr"]
+    peftkit.save(model, tmp_path / "one", name="fr")  # named: into the directory itself
+    assert (tmp_path / "one" / "peftkit_adapter.json").is_file()
+    assert peftkit.adapters(peftkit.load(tiny_llama(), tmp_path / "one", name="fr")) == ["fr"]

@@ -134,9 +134,9 @@ def remove_files(directory: Path, names: tuple[str, ...]) -> None:
 def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit", name: str | None = None) -> Path:
     """Write adapter `name` (not the base model) to `directory`; returns the path.
 
-    Without a name, a model with one adapter writes it into `directory` itself, and a model with several
-    writes each as peft does: "default" into `directory`, every other one into `directory/<name>/`
-    (`load` reads both layouts back, and so does peft's `load_adapter`).
+    Without a name, adapters are written as peft writes them: "default" into `directory`, every other one
+    into `directory/<name>/` (`load` reads the names back, and so does peft's `load_adapter`); with a name,
+    that adapter is written into `directory` itself.
 
     Saving replaces the adapter in `directory`, in either format: the files of the other format are
     deleted once the new ones are in place (otherwise `load` would find two adapters there). The
@@ -151,7 +151,7 @@ def save(model: nn.Module, directory: str | os.PathLike, format: str = "peftkit"
     if format not in ("peftkit", "peft"):
         raise ValueError(f"unknown format {format!r}; use 'peftkit' or 'peft'")
     names = [name] if name is not None else adapters(model) or [None]
-    if len(names) > 1:
+    if name is None and (len(names) > 1 or names[0] not in (DEFAULT, None)):  # peft's layout keeps the names
         for each in names:
             save(model, directory if each == DEFAULT else directory / each, format=format, name=each)
         if format == "peftkit":  # stacked adapters compute in the order they were applied: load keeps it
