@@ -18,32 +18,29 @@ comes from it (no IQA network):
 
 The classifier head is fresh and shared by both LoRAs; it trains in place, outside either adapter (a
 mixed batch refuses an adapter that trains base weights, such as one with modules_to_save).
-peftkit's training loop asks the model for its one adapter's schedule, which two active adapters do
-not have, so `train_adapters` is a small explicit loop with the loop's recipe (AdamW, linear warm-up
-and decay, clipping at 1, the same epoch order). `benchmarks/petalface_demo.py` runs the comparison.
+Training is peftkit's own loop (`loop.train`): the collate function puts `adapter_names` and
+`adapter_weights` into every batch, and the loop passes the batch to the model as keyword arguments.
+`benchmarks/petalface_demo.py` runs the comparison.
 """
 
 from __future__ import annotations
 
 import math
-import time
+import os
+import tempfile
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Dataset, default_collate
-from tqdm.auto import tqdm
 
 from ..core.adapters import set_active
 from ..core.apply import apply
 from ..methods.lora import LoRAConfig
 from .demo import VIT_LINEAR
-from .distributed import epoch_batches
 from .images import image_split
-from .loop import linear_schedule
+from .loop import TrainConfig, train
 from .vision import load_vision_model
 
 LOW, HIGH = "low", "high"
@@ -145,34 +142,23 @@ def build_model(two_loras: bool, r: int = 8, lora_alpha: float = 16.0, seed: int
 
 
 def train_adapters(model: nn.Module, data: Dataset, collate: Callable, steps: int, batch_size: int, lr: float,
-                   seed: int = 0, warmup_ratio: float = 0.1, max_grad_norm: float = 1.0,
-                   progress: bool = True) -> dict:
-    """Train the model's trainable parameters with peftkit's loop recipe; returns time and final loss.
+                   seed: int = 0, warmup_ratio: float = 0.1, max_grad_norm: float = 1.0, progress: bool = True,
+                   output_dir: str | os.PathLike | None = None) -> dict:
+    """Train the model's trainable parameters with peftkit's loop; returns time, final loss and trainable count.
 
-    AdamW (no weight decay), linear warm-up over `warmup_ratio` of the steps then linear decay to 0,
-    gradients clipped to norm `max_grad_norm`, epochs in `epoch_batches` order (the loop's, for `seed`).
+    The vision demo's recipe: AdamW (no weight decay), linear warm-up over `warmup_ratio` of the steps
+    then linear decay to 0, gradients clipped to norm `max_grad_norm`. The loop writes metrics.json and
+    loss.png to `output_dir` (a temporary directory when None); no adapter is saved.
     """
-    torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = LambdaLR(optimizer, partial(linear_schedule, warmup=round(warmup_ratio * steps), total=steps))
-    order = (b for epoch in range(steps) for b in epoch_batches(len(data), batch_size, seed, epoch))
-    model.train()
-    losses, started = [], time.perf_counter()
-    bar = tqdm(range(steps), unit="step", disable=not progress)
-    for _ in bar:
-        loss = model(**collate([data[i] for i in next(order)])).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = TrainConfig(output_dir=str(output_dir or scratch), lr=lr, max_steps=steps, batch_size=batch_size,
+                          warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, seed=seed, log_every=0,
+                          progress=progress, save_adapter=False, overwrite=True)
+        metrics = train(model, data, None, cfg, collate)
     model.eval()
-    tail = losses[-10:]
-    return {"time_s": time.perf_counter() - started, "final_loss": sum(tail) / max(1, len(tail)),
-            "trainable_params": sum(p.numel() for p in params)}
+    tail = [record["loss"] for record in metrics["train_loss"][-10:]]
+    return {"time_s": metrics["final"]["time_s"], "final_loss": sum(tail) / max(1, len(tail)),
+            "trainable_params": metrics["final"]["trainable_params"]}
 
 
 @torch.no_grad()
