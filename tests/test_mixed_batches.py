@@ -116,8 +116,12 @@ def test_mixed_batch_generate_equals_each_sample_generated_alone(kind, config, o
     perturb(model, seed=3)
     peftkit.apply(model, config(), name="b")
     perturb(model, seed=5)
-    ids = example_inputs(kind, batch=3)["input_ids"]
-    names, kw = ["a", peftkit.BASE, "b"], {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, **options}
+    assert_generate_matches(model, example_inputs(kind, batch=3)["input_ids"], ["a", peftkit.BASE, "b"], options)
+
+
+def assert_generate_matches(model, ids, names: list[str], options: dict) -> None:
+    """Generating a batch with one adapter name per prompt equals generating each prompt alone with its adapter."""
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, **options}
     per = options.get("num_return_sequences", 1)
     with torch.no_grad():
         mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)

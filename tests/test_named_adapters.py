@@ -7,6 +7,7 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
+from test_mixed_batches import assert_generate_matches
 
 import peftkit
 
@@ -244,22 +245,9 @@ def test_per_sample_weights_mix_two_loras_as_petalface():
         torch.testing.assert_close(mixed[row], model(x)[row], atol=1e-6, rtol=1e-5)
 
 
-def test_mixed_batch_generate_equals_each_prompt_generated_alone():
-    model = _llama_fr_de()
-    ids = example_inputs("llama", batch=3)["input_ids"]
-    names = ["fr", peftkit.BASE, "de"]
-    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
-    with torch.no_grad():
-        mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kw)
-        for i, name in enumerate(names):
-            row = ids[i : i + 1]
-            if name == peftkit.BASE:
-                with peftkit.disabled(model):
-                    alone = model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kw)
-            else:
-                peftkit.set_active(model, name)
-                alone = model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kw)
-            assert torch.equal(mixed[i], alone[0]), name
+def test_mixed_batch_generate_with_two_methods_stacked_on_one_module():
+    assert_generate_matches(_llama_fr_de(), example_inputs("llama", batch=3)["input_ids"], ["fr", peftkit.BASE, "de"],
+                            {})
 
 
 def test_mixed_batch_errors_say_what_to_do():

@@ -266,14 +266,7 @@ class PrefixLayer(AdapterLayer):
         batch, seq = tokens.shape[:2]
         if self.routing():
             return self._inject_routed(kwargs, batch, seq, tokens.device)
-        cache = cache_in(kwargs)
-        for key in CACHE_KEYS:
-            kwargs.pop(key, None)
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            self._own_cache = cache if kwargs.get("use_cache") is False else None
+        cache = self._take_cache(kwargs)
         past = cache_length(cache)
         taken = self.num_virtual_tokens if self.cfg.shift_positions else 0  # positions the prefix takes
         before = past - self.num_virtual_tokens + taken if past else 0  # positions before these tokens, once filled
@@ -291,12 +284,8 @@ class PrefixLayer(AdapterLayer):
             kwargs["position_ids"] = torch.arange(start, start + seq, device=tokens.device).unsqueeze(0)
         return (), kwargs
 
-    def _inject_routed(self, kwargs: dict, batch: int, seq: int, device: torch.device) -> tuple[tuple, dict]:
-        """A mixed-adapter call: the prefix goes into the cache for every sample, and the attention mask shows it
-        only to the samples that name this adapter; their tokens are numbered after it (`shift_positions`),
-        the others' as without it, so each sample computes what it computes alone."""
-        n, name = self.num_virtual_tokens, self.adapter_name
-        on = samples_on(self, batch, device, self.cfg.method)
+    def _take_cache(self, kwargs: dict):
+        """The call's KV cache, taken out of `kwargs` under either name; a new one when it has none."""
         cache = cache_in(kwargs)
         for key in CACHE_KEYS:
             kwargs.pop(key, None)
@@ -305,6 +294,15 @@ class PrefixLayer(AdapterLayer):
 
             cache = DynamicCache()
             self._own_cache = cache if kwargs.get("use_cache") is False else None
+        return cache
+
+    def _inject_routed(self, kwargs: dict, batch: int, seq: int, device: torch.device) -> tuple[tuple, dict]:
+        """A mixed-adapter call: the prefix goes into the cache for every sample, and the attention mask shows it
+        only to the samples that name this adapter; their tokens are numbered after it (`shift_positions`),
+        the others' as without it, so each sample computes what it computes alone."""
+        n, name = self.num_virtual_tokens, self.adapter_name
+        on = samples_on(self, batch, device, self.cfg.method)
+        cache = self._take_cache(kwargs)
         filled = cache.__dict__.setdefault("peftkit_prefixes", {})  # adapter name -> columns, in cache order
         past_real = cache_length(cache) - sum(filled.values())
         if name not in filled:
