@@ -356,3 +356,34 @@ def test_a_single_named_adapter_keeps_its_name_through_save_and_load(tmp_path):
     peftkit.save(model, tmp_path / "one", name="fr")  # named: into the directory itself
     assert (tmp_path / "one" / "peftkit_adapter.json").is_file()
     assert peftkit.adapters(peftkit.load(tiny_llama(), tmp_path / "one", name="fr")) == ["fr"]
+
+
+def test_a_directory_whose_second_adapter_is_broken_leaves_the_model_as_it_was(tmp_path):
+    """The first adapter of the directory wrote trained values into base parameters (LN tuning); the failed
+    load of the second must give those back too, not only take the layers out."""
+    from unchanged import assert_unchanged, snapshot
+
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LNTuningConfig(), name="norms")
+    perturb(model, seed=3)
+    peftkit.apply(model, peftkit.LoRAConfig(r=2), name="lora")
+    peftkit.save(model, tmp_path)
+    (tmp_path / "lora" / "adapter.safetensors").write_bytes(b"broken")
+    fresh = tiny_llama()
+    before = snapshot(fresh)
+    with pytest.raises(peftkit.AdapterFileError):
+        peftkit.load(fresh, tmp_path)
+    assert_unchanged(fresh, before)
+
+
+def test_an_inactive_adapter_that_trains_base_parameters_saves_its_trained_values(tmp_path):
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LNTuningConfig(), name="norms")
+    perturb(model, seed=3)
+    trained = peftkit.core.io.adapter_state_dict(model, "norms")
+    peftkit.apply(model, peftkit.LoRAConfig(r=2), name="lora")  # "norms" is now inactive: the base holds W0
+    saved = peftkit.core.io.adapter_state_dict(model, "norms")
+    assert all(torch.equal(saved[k], v) for k, v in trained.items())
+    peftkit.save(model, tmp_path, name="norms")
+    again = peftkit.load(tiny_llama(), tmp_path)
+    assert all(torch.equal(peftkit.core.io.adapter_state_dict(again)[k], v) for k, v in trained.items())

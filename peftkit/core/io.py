@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from . import weights
 from .adapters import DEFAULT, adapters, current, plain_parameters
-from .apply import apply, get_module, get_state, has_adapter
+from .apply import apply, get_module, get_state, has_adapter, unload
 from .config import AdapterConfig, ConfigError
 from .files import (
     AdapterFileError,
@@ -73,7 +73,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
 def _live_tensors(model: nn.Module, name: str | None) -> dict[str, torch.Tensor]:
     state = get_state(model, name)
     params = plain_parameters(model)
-    out = {n: params[n] for n in state.selected}
+    out = {n: state.stash.get(n, params[n]) for n in state.selected}  # inactive: its values wait in the stash
     for module_name, layer in state.layers.items():
         out |= {f"{module_name}.{local}": t for local, t in layer.adapter_tensors().items()}
     return out
@@ -99,8 +99,8 @@ def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], 
     state = get_state(model, name)
     params = plain_parameters(model)
     with torch.no_grad():
-        for n in state.selected:
-            params[n].copy_(tensors[n])
+        for n in state.selected:  # an inactive adapter's values wait in its stash
+            (state.stash[n] if n in state.stash else params[n]).copy_(tensors[n])
     for module_name, layer in state.layers.items():  # the layer's own load hooks run (methods may resize)
         own = {local: tensors[f"{module_name}.{local}"] for local in layer.adapter_tensors()}
         layer.load_state_dict(own, strict=False)
@@ -337,11 +337,15 @@ def load(model: nn.Module, directory: str | os.PathLike, *, name: str | None = N
     if name is None:
         found = saved_adapters(directory)
         if len(found) > 1 or (found and found[0][0] != DEFAULT):
-            undo = ModelSnapshot(model)
+            undo, loaded = ModelSnapshot(model), []
             try:
                 for each, path in found:
                     load(model, path, name=each, allow_different_base=allow_different_base)
+                    loaded.append(each)
             except BaseException:
+                for each in reversed(loaded):  # gives back the base values they wrote (selected parameters)
+                    with contextlib.suppress(Exception):
+                        unload(model, each)
                 undo.restore()
                 raise
             return model
