@@ -380,7 +380,7 @@ def test_an_inactive_adapter_that_trains_base_parameters_saves_its_trained_value
     model = tiny_llama()
     peftkit.apply(model, peftkit.LNTuningConfig(), name="norms")
     perturb(model, seed=3)
-    trained = peftkit.core.io.adapter_state_dict(model, "norms")
+    trained = {k: v.clone() for k, v in peftkit.core.io.adapter_state_dict(model, "norms").items()}
     peftkit.apply(model, peftkit.LoRAConfig(r=2), name="lora")  # "norms" is now inactive: the base holds W0
     saved = peftkit.core.io.adapter_state_dict(model, "norms")
     assert all(torch.equal(saved[k], v) for k, v in trained.items())
