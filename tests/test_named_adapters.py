@@ -387,3 +387,15 @@ def test_an_inactive_adapter_that_trains_base_parameters_saves_its_trained_value
     peftkit.save(model, tmp_path, name="norms")
     again = peftkit.load(tiny_llama(), tmp_path)
     assert all(torch.equal(peftkit.core.io.adapter_state_dict(again)[k], v) for k, v in trained.items())
+
+
+def test_merging_an_inactive_adapter_activates_it_first():
+    model = tiny_llama()
+    peftkit.apply(model, peftkit.LNTuningConfig(), name="norms")
+    perturb(model, seed=3)
+    trained = {k: v.clone() for k, v in peftkit.core.io.adapter_state_dict(model, "norms").items()}
+    peftkit.apply(model, peftkit.LoRAConfig(r=2), name="lora")  # "norms" inactive, the base holds originals
+    peftkit.merge(model, "norms")
+    assert "norms" in peftkit.active_adapters(model)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in trained.items())

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterState, adapter_set, get_state, plain_parameters
+from .adapters import AdapterState, adapter_set, get_state, plain_parameters, set_active
 from .config import ConfigError
 from .inject import get_module
 from .layer import AdapterLayer, MergeError
@@ -48,6 +48,10 @@ def merge(model: nn.Module, name: str | None = None, safe: bool = True, keep_bas
             exact up to rounding (see `AdapterLayer.unmerge`).
     """
     states = _adapters_named(model, name, merged=False)
+    found = adapter_set(model)
+    inactive = [s.name for s in states if s.name not in found.active]
+    if inactive:  # a merged adapter acts on every input: it becomes active (its in-place values come back)
+        set_active(model, [n for n in found.states if n in found.active or n in inactive])
     pairs = [(module, layer) for s in states for module, layer in s.layers.items()]
     blocked = sorted({type(layer).__name__ for _, layer in pairs if not layer.mergeable})
     if blocked:
@@ -79,13 +83,8 @@ def merge(model: nn.Module, name: str | None = None, safe: bool = True, keep_bas
 
 
 def _mark_merged(model: nn.Module, states: list[AdapterState]) -> None:
-    found = adapter_set(model)
     for state in states:
         state.merged = True
-        if state.name not in found.active:  # a merged adapter acts: it counts as active
-            found.active = [n for n in found.states if n in found.active or n == state.name]
-            for layer in state.layers.values():
-                layer.is_active = True
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
