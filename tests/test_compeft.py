@@ -16,6 +16,7 @@ from peftkit.cli import main
 from peftkit.core.files import read_safetensors
 from peftkit.core.io import CONFIG_FILE, WEIGHTS_FILE, read_adapter, write_adapter
 from peftkit.core.packed import (
+    RECORD,
     bitmap_decode,
     bitmap_encode,
     gaps_of,
@@ -129,7 +130,7 @@ def test_compressed_adapter_stores_compactly_and_loads_back(tmp_path):
     header = struct.unpack("<Q", path.read_bytes()[:8])[0]
     code_bytes = 0
     for key in meta["pack_ternary"]:
-        info, t = back_meta["packed"][key], tensors[key]
+        info, t = dict(zip(RECORD, back_meta["packed"][key], strict=True)), tensors[key]
         gaps, k = gaps_of(torch.nonzero(t.reshape(-1)).reshape(-1).numpy()), info["rice_k"]
         unary_bits = int((gaps >> k).sum()) + gaps.size  # the Rice code: unary quotients, then k-bit remainders
         assert unary_bits + gaps.size * k == rice_bits(gaps, k)
@@ -189,17 +190,26 @@ def _flip_bit(tensors):
     tensors[key] = t
 
 
+def _get(packed: dict, field: str):
+    return packed[sorted(packed)[0]][RECORD.index(field)]
+
+
+def _set(packed: dict, field: str, value) -> None:
+    packed[sorted(packed)[0]][RECORD.index(field)] = value
+
+
 CORRUPTIONS = {
     "position bit flipped": (_flip_bit, None, "corrupt"),
     "signs truncated": (lambda t: t.__setitem__(_first(t, "@signs"), t[_first(t, "@signs")][..., :-1].clone()),
                         None, "sign bits"),
     "positions not uint8": (lambda t: t.__setitem__(_first(t, "@positions"), t[_first(t, "@positions")].short()),
                             None, "needs 1-D uint8"),
-    "nnz too large": (None, lambda p: p[sorted(p)[0]].update(nnz=p[sorted(p)[0]]["nnz"] + 1), "corrupt"),
-    "shape too small": (None, lambda p: p[sorted(p)[0]].update(shape=[1, 1]), "corrupt"),
-    "unknown coding": (None, lambda p: p[sorted(p)[0]].update(coding="lz4"), "coding"),
-    "negative scale": (None, lambda p: p[sorted(p)[0]].update(scale=-1.0), "scale"),
+    "nnz too large": (None, lambda p: _set(p, "nnz", _get(p, "nnz") + 1), "corrupt"),
+    "shape too small": (None, lambda p: _set(p, "shape", [1, 1]), "corrupt"),
+    "unknown coding": (None, lambda p: _set(p, "coding", "lz4"), "coding"),
+    "negative scale": (None, lambda p: _set(p, "scale", -1.0), "scale"),
     "record dropped": (None, lambda p: p.pop(sorted(p)[0]), "does not list"),
+    "record truncated": (None, lambda p: p[sorted(p)[0]].pop(), "must be a list of 7"),
 }
 
 
@@ -238,3 +248,14 @@ def test_cli_compress(tmp_path, capsys):
                  "--density", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("peftkit: error: density must be in (0, 1]") and err.count("\n") == 1
+
+
+def test_records_written_as_objects_still_load(tmp_path):
+    """Files from before the packing record became a list (an object per tensor) read the same."""
+    dense = _lora_adapter(tmp_path)
+    config, meta, tensors = compress(dense, density=0.1)
+    write_adapter(tmp_path / "small", config, tensors, meta)
+    _corrupt(tmp_path / "small", edit_packed=lambda p: p.update({k: dict(zip(RECORD, v, strict=True))
+                                                                 for k, v in p.items()}))
+    _, _, back = read_adapter(tmp_path / "small")
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)

@@ -12,8 +12,9 @@ stored first and the remainders after them (same bit count as interleaving them)
 vectorised: the 0 bits of the unary part are exactly the code ends.
 
 In a file, the tensor `key` becomes two uint8 tensors `key@positions` and `key@signs`, and the config
-JSON's "packed" field records, per key, {"shape", "dtype", "scale", "nnz", "coding", "rice_k",
-"unary_bytes"}. `unpack_tensors` checks every length, count and position before building a tensor, and
+JSON's "packed" field records, per key, [shape, dtype, scale, nnz, coding, rice_k, unary_bytes] (`RECORD`;
+a list, not an object, so the field names are not repeated for every tensor; files that hold objects
+still read). `unpack_tensors` checks every length, count and position before building a tensor, and
 raises AdapterFileError naming the tensor. This module knows no method: it stores what it is given.
 """
 
@@ -27,6 +28,8 @@ import torch
 from .files import AdapterFileError
 
 SUFFIXES = ("@positions", "@signs")
+RECORD = ("shape", "dtype", "scale", "nnz", "coding", "rice_k", "unary_bytes")
+"""The fields of one tensor's packing record, in the order the JSON list holds them."""
 MAX_NUMEL = 1 << 32
 """Largest tensor a packed record may describe (the JSON is not covered by the weights' digest)."""
 _FLOATS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -154,7 +157,8 @@ def pack_tensors(tensors: dict[str, torch.Tensor], keys: list[str]) -> tuple[dic
         if key not in tensors:
             raise AdapterFileError(f"cannot pack {key!r}: the adapter has no such tensor")
         try:
-            pos, signs, packed[key] = pack_ternary(tensors[key])
+            pos, signs, info = pack_ternary(tensors[key])
+            packed[key] = [info[f] for f in RECORD]
         except ValueError as err:
             raise AdapterFileError(f"cannot store {key!r} as ternary: {err}; leave it out of 'pack_ternary' "
                                    "to store it dense") from err
@@ -169,6 +173,8 @@ def unpack_tensors(path, tensors: dict[str, torch.Tensor], packed) -> dict[str, 
         raise AdapterFileError(f"{path}: the config's 'packed' field must be an object; save the adapter again")
     out = dict(tensors)
     for key, info in packed.items():
+        if isinstance(info, list) and len(info) == len(RECORD):
+            info = dict(zip(RECORD, info, strict=True))
         problem = _check_info(info)
         stored = [out.pop(key + s, None) for s in SUFFIXES]
         if problem is None and any(t is None or t.dtype != torch.uint8 or t.dim() != 1 for t in stored):
@@ -192,7 +198,7 @@ def unpack_tensors(path, tensors: dict[str, torch.Tensor], packed) -> dict[str, 
 def _check_info(info) -> str | None:
     """What is wrong with one tensor's packing record, or None."""
     if not isinstance(info, dict):
-        return "its record is not an object"
+        return f"its record must be a list of {len(RECORD)} values {list(RECORD)}"
     ints = ("nnz", "rice_k", "unary_bytes")
     if any(not isinstance(info.get(f), int) or isinstance(info.get(f), bool) or info[f] < 0 for f in ints):
         return f"fields {ints} must be non-negative integers"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .config import ConfigError
-from .inject import HEAD_NAMES, matches
+from .inject import HEAD_NAMES, matches, plain_modules
 from .layer import AdapterLayer
 
 
@@ -90,7 +90,7 @@ def parameters_of_modules(model: nn.Module, patterns: list[str], strict: bool = 
 def _module_names(model: nn.Module, limit: int = 40) -> list[str]:
     """Unique last components of the names of modules holding parameters, heads first, for error messages."""
     seen: dict[str, None] = {}
-    for name, module in model.named_modules():
+    for name, module in plain_modules(model):  # the model's own modules, not what adapters added
         last = name.split(".")[-1]
         if name and not last.isdigit() and next(module.parameters(), None) is not None:
             seen.setdefault(last, None)
