@@ -1,5 +1,6 @@
 """Optimizers: `torch.optim.Optimizer` subclasses (AdamR: AdamW decaying toward the initial values)."""
 
 from .adamr import AdamR
+from .galore import GaLoreAdamW, galore_param_groups
 
-__all__ = ["AdamR"]
+__all__ = ["AdamR", "GaLoreAdamW", "galore_param_groups"]
