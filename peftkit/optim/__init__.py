@@ -2,5 +2,6 @@
 
 from .adamr import AdamR
 from .galore import GaLoreAdamW, galore_param_groups
+from .mezo import MeZO
 
-__all__ = ["AdamR", "GaLoreAdamW", "galore_param_groups"]
+__all__ = ["AdamR", "GaLoreAdamW", "galore_param_groups", "MeZO"]
