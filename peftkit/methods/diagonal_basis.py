@@ -80,6 +80,13 @@ class DiagonalLowRankAdd(torch.autograd.Function):
         return grad, dx, None, None, de
 
 
+def diagonal_low_rank_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                                e: torch.Tensor) -> torch.Tensor:
+    """y + B diag(e) A x with the (d_out, d_in) product formed by autograd (one dtype for all tensors).
+    What `DiagonalLowRankAdd` adds into y in place."""
+    return y + x @ ((b * e) @ a).T
+
+
 class DiagonalBasisLayer(AdapterLayer):
     """Wraps nn.Linear / GPT-2 Conv1D with frozen buffers `basis_out` (d_out, r) = B and `basis_in`
     (r, d_in) = A; a subclass fills them and says what the diagonal e is (`diagonal()`)."""

@@ -84,6 +84,19 @@ class LowRankAdd(torch.autograd.Function):
         return grad, dx, da, db, None
 
 
+def low_rank_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """y + s B A x, the LoRA update (Hu et al. 2021, arXiv:2106.09685) in plain autograd: what `LowRankAdd`
+    adds into y in place (and `LinearLowRank` into y = x W0^T + b0). One dtype for all tensors."""
+    return y + scaling * F.linear(F.linear(x, a), b)
+
+
+def linear_low_rank_reference(x: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, a: torch.Tensor,
+                              b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y = x W0^T + b0 + s (x A^T) B^T in plain autograd: what `LinearLowRank` computes in one Function."""
+    return low_rank_reference(F.linear(x, w0, b0), x, a, b, scaling)
+
+
 def owns_plain_linear(base: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, dropout: torch.nn.Module) -> bool:
     """Whether a kernel may run the base layer's GEMM itself: a plain nn.Linear called through its own
     forward (no hooks, no patched forward), frozen (bias too), one dtype without autocast, no dropout
