@@ -83,13 +83,14 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def method_table() -> str:
     """The README's method table, generated from the registry."""
     import peftkit
+    from peftkit.core.peft_format import peft_converter
 
     lines = ["| method | config | paper | trainable parameters | Hugging Face peft type (both directions) |",
              "| --- | --- | --- | --- | --- |"]
     for name, method in peftkit.registered_methods().items():
         cls = method.config_cls
-        peft_type = getattr(cls, "peft_type", None)
-        interop = f"`{peft_type}` {getattr(cls, 'peft_variant', {}) or ''}".strip() if peft_type else "-"
+        converter = peft_converter(cls)
+        interop = f"`{converter.peft_type}` {converter.variant or ''}".strip() if converter else "-"
         lines.append(f"| `{name}` | `{cls.__name__}` | {cls.paper} | {cls.trainable} | {interop} |")
     return "\n".join(lines)
 

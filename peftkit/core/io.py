@@ -14,7 +14,7 @@ holds one adapter in one format: `save` removes the other format's files, and `l
 directory holding both.
 
 `save(..., format="peft")` and loading a directory that Hugging Face peft wrote go through
-`peft_format.py`, where the key map lives.
+`peft_format.py` (the layout), which asks each method's converter in `methods/peft/` for the key map.
 
 Loading is all-or-nothing: the file is read and checked completely (config, keys, shapes, base
 fingerprint, finite values) before the model is touched, and any failure afterwards undoes the

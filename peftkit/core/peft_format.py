@@ -6,16 +6,16 @@ tensor name:
 
 * adapted modules: `base_model.model.<module>.<peft name>`, e.g. `...q_proj.lora_A.weight`,
   `...embed_tokens.lora_embedding_A`, `...q_proj.lora_magnitude_vector` (DoRA), `...k_proj.ia3_l`;
-  each AdapterLayer states its names in `peft_names` and builds the key in `peft_key`;
 * prompt learning: `prompt_embeddings`, with no module path;
 * modules_to_save: the module's own parameter names under `base_model.model.` (`base_model.` for
   prompt learning, where peft wraps the transformers model one level less deep);
 * for adapted embeddings peft also writes the base table (`...embed_tokens.base_layer.weight`):
   peftkit checks on load that it equals the model's, and does not write it.
 
-A config class takes part by defining the class variable `peft_type` and the two methods
-`to_peft_config(model) -> dict` and `from_peft_config(data, model=None) -> config`; the helpers
-below (`target_modules`, `common_fields`, `check_fields` ...) are what those methods share.
+What is particular to one peft type lives in `peftkit/methods/peft/<type>.py`, one `PeftConverter`
+per method that peft also has (registered with `register_peft`): the config both ways and the names
+and export form of the layers' tensors. This file holds the layout all types share and the helpers
+the converters use (`target_modules`, `common_fields`, `check_fields` ...); it knows no method.
 
 Saving writes the weights first, with the sha256 of the config text in their metadata
 (`peftkit_config_sha256`, which peft ignores), then the config; `read_peft` refuses a pair whose
@@ -34,7 +34,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -47,7 +47,6 @@ from .inject import matches
 from .io import AdapterFileError, _few, adapter_state_dict, atomic_write, base_model_name, read_json
 from .layer import AdapterLayer
 from .params import parameters_of_modules
-from .registry import config_for_peft
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -80,17 +79,89 @@ ANY_VALUE = ("peft_type", "peft_version", "auto_mapping", "base_model_name_or_pa
 """Fields of every peft config that do not change the adapter's function."""
 
 
+# --- converters: one per method that Hugging Face peft also has -------------------------------
+class PeftConverter:
+    """How one method's adapters map to one Hugging Face peft type (subclassed in `methods/peft/`).
+
+    A converter states the peft type (and `variant`: adapter_config.json values that pick it among
+    converters of the same type, DoRA's `{"use_dora": True}`), the config class it maps, the config
+    both ways (`to_peft`, `from_peft`) and the layers' tensors: `tensors` (local name -> peft name),
+    `key` (the full key in the file), `export` (peft's form of the values) and `recreated` (tensors a
+    peft file may hold that peftkit re-creates instead of loading). The defaults suit a method whose
+    tensors peft stores under the module path, as they are.
+    """
+
+    peft_type: ClassVar[str] = ""
+    variant: ClassVar[dict[str, Any]] = {}
+    config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
+    tensors: ClassVar[dict[str, str]] = {}
+
+    def to_peft(self, cfg: AdapterConfig, model: nn.Module) -> dict[str, Any]:
+        """peft's adapter_config.json fields for the adapter `cfg` on `model`."""
+        raise NotImplementedError
+
+    def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> AdapterConfig:
+        """The peftkit config of a peft adapter_config.json dict."""
+        raise NotImplementedError
+
+    def names(self, layer: AdapterLayer) -> dict[str, str]:
+        """Local tensor name -> peft tensor name, for one adapted layer."""
+        return self.tensors
+
+    def key(self, layer: AdapterLayer, module_name: str, local: str) -> str:
+        """The full key of one of the layer's tensors in a peft adapter file."""
+        return f"base_model.model.{module_name}.{self.names(layer)[local]}"
+
+    def export(self, layer: AdapterLayer) -> dict[str, torch.Tensor]:
+        """The layer's tensors as peft stores them, by local name (keys of `names`)."""
+        own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+        return {local: own[local].detach() for local in self.names(layer)}
+
+    def recreated(self, layer: AdapterLayer, module_name: str) -> dict[str, torch.Tensor]:
+        """Tensors by full peft key that a peft file may hold for this layer and peftkit re-creates rather
+        than loads (RandLoRA's seeded bases): loading checks the ones present against these and drops them."""
+        return {}
+
+
+_CONVERTERS: dict[type[AdapterConfig], PeftConverter] = {}
+
+
+def register_peft(converter: PeftConverter) -> PeftConverter:
+    """Make `converter` the peft conversion of its config class (importing `peftkit.methods` does this)."""
+    _CONVERTERS[converter.config_cls] = converter
+    return converter
+
+
+def peft_converter(cfg: AdapterConfig | type[AdapterConfig]) -> PeftConverter | None:
+    """The converter of a config (instance or class), None for a method peft does not have."""
+    return _CONVERTERS.get(cfg if isinstance(cfg, type) else type(cfg))
+
+
+def converter_for_peft(data: dict[str, Any]) -> PeftConverter:
+    """The converter that reads a peft adapter_config.json dict: of its peft_type, the one whose
+    `variant` matches with the most keys."""
+    peft_type = data.get("peft_type")
+    fitting = [c for c in _CONVERTERS.values()
+               if c.peft_type == peft_type and all(data.get(k) == v for k, v in c.variant.items())]
+    if not fitting:
+        known = sorted({c.peft_type for c in _CONVERTERS.values()})
+        raise ConfigError(f"peftkit cannot read Hugging Face peft adapters of peft_type {peft_type!r}; "
+                          f"supported peft types: {', '.join(known)}")
+    return max(fitting, key=lambda c: len(c.variant))
+
+
 # --- writing -----------------------------------------------------------------------------------
 def save_peft(model: nn.Module, directory: Path) -> None:
     """Write `adapter_config.json` + `adapter_model.safetensors` as Hugging Face peft would."""
     cfg = get_state(model).config
-    to_peft = getattr(cfg, "to_peft_config", None)
-    if getattr(type(cfg), "peft_type", None) is None or to_peft is None:
+    converter = peft_converter(cfg)
+    if converter is None:
         raise ConfigError(f"method {cfg.method!r} has no Hugging Face peft equivalent, so it cannot be saved with "
                           "format='peft'; save it with format='peftkit' (the default)")
-    data = to_peft(model)
+    data = converter.to_peft(cfg, model)
     saved = parameters_of_modules(model, data.get("modules_to_save") or [])
-    tensors = {k: v.detach().contiguous().cpu() for k, v in peft_state_dict(model, data["peft_type"], saved).items()}
+    state = peft_state_dict(model, converter, saved)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     directory = Path(directory)
     text = json.dumps(data, indent=2, sort_keys=True).encode()
     metadata = {"format": "pt", DIGEST_KEY: hashlib.sha256(text).hexdigest()}
@@ -98,16 +169,16 @@ def save_peft(model: nn.Module, directory: Path) -> None:
     atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_bytes(text))
 
 
-def peft_state_dict(model: nn.Module, peft_type: str, saved: list[str]) -> dict[str, torch.Tensor]:
+def peft_state_dict(model: nn.Module, converter: PeftConverter, saved: list[str]) -> dict[str, torch.Tensor]:
     """The adapter's tensors under peft's key names; `saved`: parameters of peft's modules_to_save."""
     state = get_state(model)
     out = {}
     for name in state.adapted:
         layer: AdapterLayer = state.layers[name]
-        for local, tensor in layer.peft_state().items():
-            out[layer.peft_key(name, local)] = tensor
+        for local, tensor in converter.export(layer).items():
+            out[converter.key(layer, name, local)] = tensor
     params = dict(model.named_parameters())
-    prefix = saved_module_prefix(peft_type)
+    prefix = saved_module_prefix(converter.peft_type)
     for name in sorted({*state.selected, *saved}):
         out[prefix + name] = params[name]
     return out
@@ -118,7 +189,7 @@ def saved_module_prefix(peft_type: str) -> str:
     return "base_model." if peft_type in PROMPT_LEARNING else "base_model.model."
 
 
-# --- helpers for the config classes' to_peft_config --------------------------------------------
+# --- helpers for the converters' to_peft -------------------------------------------------------
 def common_fields(model: nn.Module, cfg: AdapterConfig, peft_type: str) -> dict[str, Any]:
     """Fields every peft config has: type, task, base model, modules_to_save (exact module names)."""
     task = task_type(model)
@@ -178,7 +249,7 @@ def _peft_pattern_value(patterns: dict[str, Any], name: str, default: Any) -> An
     return default if key is None else patterns[key]
 
 
-# --- helpers for the config classes' from_peft_config ------------------------------------------
+# --- helpers for the converters' from_peft -----------------------------------------------------
 def check_fields(data: dict[str, Any], cls: type, used: Iterable[str], inert: dict[str, Any]) -> None:
     """Refuse fields peft's config does not have, and inert fields set to a value peftkit cannot honour.
 
@@ -285,7 +356,7 @@ def _peft_config(path: Path, data: dict[str, Any]) -> AdapterConfig:
     if wrong:
         raise ConfigError(f"{path}: field(s) of the wrong JSON type: {', '.join(wrong)}")
     try:
-        return config_for_peft(data).from_peft_config(data)
+        return converter_for_peft(data).from_peft(data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
     except (TypeError, KeyError, AttributeError, ValueError) as err:  # a field of a type the method did not expect
@@ -296,23 +367,25 @@ def _peft_config(path: Path, data: dict[str, Any]) -> AdapterConfig:
 def from_peft_keys(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """A peft state dict in peftkit's key names, for a model the adapter was just applied to."""
     state = get_state(model)
+    converter = peft_converter(state.config)
     expected = adapter_state_dict(model)
     left = dict(tensors)
     out: dict[str, torch.Tensor] = {}
     missing: list[str] = []
     for name in state.adapted:
         layer: AdapterLayer = state.layers[name]
-        for local in layer.peft_names:
+        names = converter.names(layer)
+        for local in names:
             if f"{name}.{local}" not in expected:
                 continue
-            key = layer.peft_key(name, local)
+            key = converter.key(layer, name, local)
             if key in left:
                 out[f"{name}.{local}"] = left.pop(key)
             else:
                 missing.append(key)
         _check_base_copies(layer, f"{prefix}{name}.base_layer.", left)
-        _check_recreated(layer, name, left)
-        derived = [k for k in expected if k.startswith(name + ".") and k[len(name) + 1:] not in layer.peft_names]
+        _check_recreated(converter.recreated(layer, name), layer, name, left)
+        derived = [k for k in expected if k.startswith(name + ".") and k[len(name) + 1:] not in names]
         if derived:
             out.update(_derive(layer, name, derived))
     for name in state.selected:
@@ -337,9 +410,10 @@ def _check_base_copies(layer: AdapterLayer, prefix: str, left: dict[str, torch.T
                                    "layer); peftkit adapters never change base weights, load it with peft")
 
 
-def _check_recreated(layer: AdapterLayer, name: str, left: dict[str, torch.Tensor]) -> None:
-    """Tensors peft saved that the layer re-creates (RandLoRA's bases): equal to peftkit's, then dropped."""
-    for key, value in layer.peft_recreated(name).items():
+def _check_recreated(recreated: dict[str, torch.Tensor], layer: AdapterLayer, name: str,
+                     left: dict[str, torch.Tensor]) -> None:
+    """Tensors peft saved that peftkit re-creates (RandLoRA's bases): equal to peftkit's, then dropped."""
+    for key, value in recreated.items():
         saved = left.pop(key, None)
         if saved is not None and (saved.shape != value.shape or not torch.equal(saved.to(value), value)):
             raise AdapterFileError(f"the peft adapter's {key} differs from the tensor peftkit re-creates for {name} "

@@ -14,23 +14,21 @@ alpha 8, beta 0.85, orth_reg_weight 0.5, delta_t 1); the paper uses gamma 0.1 an
 Which triplets are kept lives in each layer's `rank_mask` buffer (saved with the adapter, so
 `peftkit.load` and resuming rebuild the same model). A Hugging Face peft export drops the masked
 triplets and writes peft's `rank_pattern`; a peft file with a `rank_pattern` is read into layers of
-the kept size (`AdaLoRAConfig.rank_pattern`), with the scale of `init_r`, exactly as peft does.
+the kept size (`AdaLoRAConfig.rank_pattern`), with the scale of `init_r`, exactly as peft does
+(methods/peft/adalora.py).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..core import peft_format, weights
-from ..core.apply import get_state
+from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.registry import register
-from .lora import PEFT_LORA_INERT
 from .svd_lora import SVDLayer, init_factors
 
 
@@ -103,56 +101,6 @@ class AdaLoRAConfig(AdapterConfig):
         if bad:
             raise ConfigError(f"rank_pattern entries need init_r={self.init_r} flags each; got lengths {bad}")
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "ADALORA"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's AdaLoraConfig fields for this adapter on `model`, with the kept triplets as rank_pattern."""
-        names = get_state(model).adapted
-        layers = {n: get_state(model).layers[n] for n in names}
-        pattern = {f"{n}.lora_E": layer.peft_rank_pattern() for n, layer in layers.items()}
-        pruned = any(not all(flags) for flags in pattern.values())
-        kinds = {weights.layer_kind(layer.base) for layer in layers.values()}
-        return {
-            **peft_format.common_fields(model, self, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
-            "init_r": self.init_r, "target_r": self.target_r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "tinit": self.tinit, "tfinal": self.tfinal, "deltaT": self.delta_t, "beta1": self.beta1,
-            "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
-            # peft requires total_step > tinit + tfinal; it matters only to training
-            "total_step": self.total_steps or self.tinit + self.tfinal + 1,
-            "rank_pattern": pattern if pruned else None, "fan_in_fan_out": "conv1d" in kinds,
-            "init_lora_weights": True, "use_rslora": False, "use_dora": False, "bias": "none",
-            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> AdaLoRAConfig:
-        """The config for a peft AdaLoraConfig dict (module names carry over as they are)."""
-        peft_format.check_fields(data, cls, PEFT_ADALORA_FIELDS, PEFT_LORA_INERT)
-        alpha = data.get("lora_alpha", 8)
-        init_r = data.get("init_r", 12)
-        pattern = {re.sub(r"\.lora_E(\.[^.]+)?$", "", k): [bool(f) for f in v]
-                   for k, v in (data.get("rank_pattern") or {}).items()}
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
-                   init_r=init_r, target_r=min(data.get("target_r", 8), init_r),
-                   alpha=alpha if alpha > 0 else float(init_r),  # peft: scaling = lora_alpha or r
-                   dropout=data.get("lora_dropout", 0.0), tinit=data.get("tinit", 0), tfinal=data.get("tfinal", 0),
-                   delta_t=data.get("deltaT", 1), beta1=data.get("beta1", 0.85), beta2=data.get("beta2", 0.85),
-                   orth_reg_weight=data.get("orth_reg_weight", 0.5), total_steps=data.get("total_step"),
-                   rank_pattern=pattern)
-
-
-PEFT_ADALORA_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                       "modules_to_save", "r", "lora_alpha", "lora_dropout", "init_r", "target_r", "tinit", "tfinal",
-                       "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step", "rank_pattern", "alpha_pattern",
-                       "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "megatron_core",
-                       "qalora_group_size")
-"""peft AdaLoraConfig fields peftkit reads. peft's AdaLoRA layers ignore r, alpha_pattern and use_rslora
-(its scale is lora_alpha / init_r) and refuse use_dora; init_lora_weights only matters before training."""
-
 
 def check_budget_span(tinit: int, tfinal: int, total_steps: int) -> None:
     """The budget must have steps to shrink in: tinit + tfinal < total_steps."""
@@ -163,8 +111,6 @@ def check_budget_span(tinit: int, tfinal: int, total_steps: int) -> None:
 
 class AdaLoRALinear(SVDLayer):
     """AdaLoRA on nn.Linear and GPT-2 Conv1D: P, lambda, Q as single tensors plus a keep mask."""
-
-    peft_names = {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"}
 
     def __init__(self, base: nn.Module, init_r: int, alpha: float, dropout: float,
                  held: list[bool] | None = None) -> None:
@@ -192,19 +138,6 @@ class AdaLoRALinear(SVDLayer):
     def kept(self) -> torch.Tensor:
         """Triplets that contribute: kept by the mask, or revived by the optimizer since the last mask."""
         return self.rank_mask | (self.lora_E[:, 0] != 0)
-
-    def peft_rank_pattern(self) -> list[bool]:
-        """peft's rank_pattern entry: init_r flags, True for each triplet this layer exports."""
-        flags, kept = [False] * len(self.held), iter(self.kept().tolist())
-        for i, held in enumerate(self.held):
-            flags[i] = held and next(kept)
-        return flags
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        """Only the kept triplets, as peft resizes them on save (a dropped triplet has lambda = 0: exact)."""
-        keep = self.kept()
-        return {"lora_A": self.lora_A[keep].detach(), "lora_E": self.lora_E[keep].detach(),
-                "lora_B": self.lora_B[:, keep].detach()}
 
 
 @register(AdaLoRAConfig)
