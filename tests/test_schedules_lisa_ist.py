@@ -311,3 +311,43 @@ def test_ist_bad_input():
         IST(lora_llama())
     with pytest.raises(ConfigError, match="distinct sets"):
         IST(peftkit.apply(MODELS["llama"](), LoRAConfig(r=2)), eval_batch=lm_batch(0))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_ist_finds_the_adapted_blocks_of_each_architecture(kind):
+    model = peftkit.apply(MODELS[kind](), LoRAConfig(r=2)).train()
+    ist = IST(model, num_update=1, num_suppress=1, trials=2, eval_loss=lambda m: loss_of(m, kind, 0).item())
+    assert ist.blocks_name == BLOCKS[kind] and len(ist.params) == 2
+    blocks = block_params(model, BLOCKS[kind])
+    for step in range(1, 4):
+        active = {i for i, ids in enumerate(blocks) if ids & trainable_ids(model)}
+        assert active == set(ist.active) and len(active) == 1
+        loss_of(model, kind, step).backward()
+        ist.step(step)
+        for p in model.parameters():
+            p.grad = None
+    assert ist.updates == 0 and ist.update_interval == 10
+
+
+@pytest.mark.parametrize("config", [peftkit.IA3Config(), peftkit.BottleneckConfig(), peftkit.DoRAConfig(r=2)],
+                         ids=lambda c: type(c).__name__)
+def test_ist_suppression_restores_other_adapters(config):
+    model = peftkit.apply(deep_llama(layers=4), config).train()
+    for p in model.parameters():  # move away from the identity init so that suppression shows
+        if p.requires_grad:
+            p.data.add_(torch.randn_like(p) * 0.3)
+    ist = IST(model, num_update=1, update_interval=1, eval_batch=lm_batch(0))
+    with torch.no_grad():
+        model.eval()
+        plain = model(**lm_batch(0)).logits
+        with ist.suppressed([0, 1]):
+            assert not torch.allclose(model(**lm_batch(0)).logits, plain, atol=1e-5)
+        assert torch.equal(model(**lm_batch(0)).logits, plain)
+        model.train()
+    values = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ist.step(1)  # a score update: three suppressed evaluations, then everything as it was
+    assert ist.updates == 1 and model.training
+    assert all(torch.equal(values[n], p) for n, p in model.named_parameters())
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(**lm_batch(0)).logits, plain)

@@ -180,7 +180,7 @@ class IST(MethodSchedule):
         try:
             for i in chosen:
                 for layer in self.layers[i]:
-                    scaling = getattr(layer, "scaling", None)
+                    scaling = vars(layer).get("scaling")  # the layer's own: not a wrapped attention's `scaling`
                     if isinstance(scaling, int | float) and not isinstance(scaling, bool):
                         saved.append((layer, scaling))
                         layer.scaling = scaling * self.suppression
