@@ -142,7 +142,7 @@ def test_lisa_resume_equals_uninterrupted(tmp_path):
     whole = deep_llama().train()
     run_lisa(whole, 9)
     part = deep_llama().train()
-    lisa, optimizer = run_lisa(part, 5)
+    lisa, optimizer = run_lisa(part, 4)  # saved right after a draw (K = 2)
     saved = (copy.deepcopy(part.state_dict()), copy.deepcopy(optimizer.state_dict()),
              through_checkpoint(lisa.state_dict(), tmp_path))
     resumed = deep_llama(seed=1).train()  # other weights: everything comes from the checkpoint
@@ -151,7 +151,7 @@ def test_lisa_resume_equals_uninterrupted(tmp_path):
     lisa2.load_state_dict(saved[2])
     optimizer2 = torch.optim.AdamW(lisa2.parameters(), lr=1e-2)
     optimizer2.load_state_dict(saved[1])
-    run_lisa(resumed, 4, lisa2, optimizer2, start=6)
+    run_lisa(resumed, 5, lisa2, optimizer2, start=5)
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
 
@@ -286,7 +286,7 @@ def test_ist_resume_equals_uninterrupted(tmp_path):
     whole = lora_llama()
     ist_whole, _ = run_ist(whole, 9)
     part = lora_llama()
-    ist, optimizer = run_ist(part, 5)
+    ist, optimizer = run_ist(part, 4)  # saved right after a score update (T_u = 2)
     saved = (copy.deepcopy(part.state_dict()), copy.deepcopy(optimizer.state_dict()),
              through_checkpoint(ist.state_dict(), tmp_path))
     resumed = lora_llama(seed=1)
@@ -295,7 +295,7 @@ def test_ist_resume_equals_uninterrupted(tmp_path):
     optimizer2 = torch.optim.AdamW(ist2.parameters(), lr=1e-2)
     optimizer2.load_state_dict(saved[1])
     ist2.load_state_dict(saved[2])
-    run_ist(resumed, 4, ist2, optimizer2, start=6)
+    run_ist(resumed, 5, ist2, optimizer2, start=5)
     assert torch.equal(ist_whole.scores, ist2.scores) and ist_whole.active == ist2.active
     assert ist_whole.scores.abs().sum() > 0
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters(), strict=True):
