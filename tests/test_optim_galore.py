@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftkit.optim import GaLoreAdamW, galore_param_groups
 from peftkit.optim import galore as galore_module
-from peftkit.optim.projection import natural_transform, woodbury_inverse_fisher
+from peftkit.optim.projection import natural_transform, orthogonal_basis, woodbury_inverse_fisher
 
 
 def _mlp(seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
@@ -47,7 +47,7 @@ def test_state_of_a_projected_weight_is_two_r_max_side_plus_the_projection():
 def test_full_rank_identity_projection_equals_adamw(monkeypatch):
     """r = min(m, n), α = 1, P = I: GaLoreAdamW takes torch.optim.AdamW's steps (fp64, with weight decay)."""
     monkeypatch.setattr(galore_module, "orthogonal_basis",
-                        lambda g, r, side: torch.eye(g.shape[1] if side == "right" else g.shape[0], dtype=g.dtype))
+                        lambda g, r, side, method: torch.eye(g.shape[1] if side == "right" else g.shape[0], dtype=g.dtype))
     ours, ref = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
     opt = GaLoreAdamW(galore_param_groups(ours, rank=24, update_proj_gap=3, scale=1.0), lr=1e-2,
                       weight_decay=0.1)
@@ -122,12 +122,41 @@ def test_natural_transform_forms_no_k_by_k_matrix():
     k, s = 2048, 20
     ring = torch.randn(s, k, dtype=torch.float64)
     low = torch.randn(32, 64, dtype=torch.float64)
+    gram = ring @ ring.T
     with _LargestOutput() as mode:
-        natural_transform(low, ring, s, 3, 1e-3)
+        natural_transform(low, ring, gram, s, 3, 1e-3)
     assert 0 < mode.largest <= s * k
     with _LargestOutput() as dense:  # the recorder sees a dense solve, so the check above can fail
         torch.linalg.solve(torch.eye(k, dtype=torch.float64) + ring.T @ ring, low.reshape(-1))
     assert dense.largest >= k * k
+
+
+def test_natural_transform_with_its_cached_gram_equals_the_woodbury_of_the_fifo():
+    """The ring buffer with H Hᵀ updated one row per step == Woodbury recomputed from the last s gradients."""
+    s, shape = 4, (6, 5)
+    ring, gram = torch.zeros(s, 30, dtype=torch.float64), torch.zeros(s, s, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    pushed = []
+    for count in range(9):
+        low = torch.randn(shape, generator=g, dtype=torch.float64)
+        pushed.append(low.reshape(-1))
+        out = natural_transform(low, ring, gram, min(count + 1, s), count % s, 1e-3)
+        expected = woodbury_inverse_fisher(torch.stack(pushed[-s:]), low.reshape(-1), 1e-3)
+        torch.testing.assert_close(out.reshape(-1), expected, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(200, 30), (30, 200)])
+def test_gram_basis_spans_the_svd_basis(shape):
+    """svd="gram" gives the same top-r singular vectors as the thin SVD, each up to its sign."""
+    u, _ = torch.linalg.qr(torch.randn(shape[0], 30, generator=torch.Generator().manual_seed(3)))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], 30, generator=torch.Generator().manual_seed(4)))
+    m, n = shape
+    grad = (u[:, :min(m, n)] * torch.linspace(10, 1, min(m, n))) @ v[:, :min(m, n)].T  # distinct singular values
+    side = "right" if m >= n else "left"
+    exact, gram = orthogonal_basis(grad, 5, side, "svd"), orthogonal_basis(grad, 5, side, "gram")
+    assert exact.shape == gram.shape
+    overlap = exact @ gram.T if side == "right" else exact.T @ gram  # (r, r): ±1 on the diagonal
+    torch.testing.assert_close(overlap.abs(), torch.eye(5), atol=1e-4, rtol=0)
 
 
 def test_natural_galore_trains_and_keeps_a_fifo_of_s_gradients():

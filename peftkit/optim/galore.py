@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .projection import (
+    BASES,
     SIDES,
     add_projected_back,
     natural_transform,
@@ -54,17 +55,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         natural: Natural GaLore: precondition R by the Woodbury inverse empirical Fisher.
         history_size: s, the number of projected gradients in the Fisher (20).
         damping: λ_F of F̂ = λ_F I + Hᵀ H (1e-3).
+        svd: how P is found: "svd" (thin SVD, GaLore's and galore-torch's) or "gram" (top eigenvectors of
+            the smaller Gram matrix: the same subspace, faster on tall matrices; see `orthogonal_basis`).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, rank: int | None = None,
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
-                 natural: bool = False, history_size: int = 20, damping: float = 1e-3) -> None:
+                 natural: bool = False, history_size: int = 20, damping: float = 1e-3, svd: str = "svd") -> None:
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW hyperparameters lr={lr}, betas={betas}, eps={eps}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "rank": rank,
                     "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
-                    "natural": natural, "history_size": history_size, "damping": damping}
+                    "natural": natural, "history_size": history_size, "damping": damping, "svd": svd}
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_group(group)
@@ -108,7 +111,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
         if state["step"] % group["update_proj_gap"] == 0:
-            state["projection"] = orthogonal_basis(grad, group["rank"], side)
+            state["projection"] = orthogonal_basis(grad, group["rank"], side, group["svd"])
         low = project(grad, state["projection"], side)  # (m, r) right, (r, n) left
         if group["natural"]:
             low = self._natural(state, low, group)
@@ -125,13 +128,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _natural(state: dict, low: torch.Tensor, group: dict) -> torch.Tensor:
-        """F̂⁻¹ vec(R) over a FIFO of the last s projected gradients (state: "history", "history_count")."""
+        """F̂⁻¹ vec(R) over a FIFO of the last s projected gradients (state: "history", its Gram matrix, a count)."""
         size = group["history_size"]
         if "history" not in state:
             state["history"] = low.new_zeros(size, low.numel())  # (s, k)
+            state["history_gram"] = low.new_zeros(size, size)  # H Hᵀ, (s, s)
             state["history_count"] = 0
         count = state["history_count"]
-        out = natural_transform(low, state["history"], min(count + 1, size), count % size, group["damping"])
+        out = natural_transform(low, state["history"], state["history_gram"], min(count + 1, size), count % size,
+                                group["damping"])
         state["history_count"] = count + 1
         return out
 
@@ -150,6 +155,8 @@ def _check_group(group: dict) -> None:
         return
     if group["proj_type"] not in SIDES:
         raise ValueError(f"proj_type {group['proj_type']!r} is not one of {SIDES}")
+    if group["svd"] not in BASES:
+        raise ValueError(f"svd {group['svd']!r} is not one of {BASES}")
     if int(group["rank"]) < 1 or int(group["update_proj_gap"]) < 1 or int(group["history_size"]) < 1:
         raise ValueError("rank, update_proj_gap and history_size must be positive integers, got "
                          f"{group['rank']}, {group['update_proj_gap']}, {group['history_size']}")

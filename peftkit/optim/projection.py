@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 
 SIDES = ("std", "left", "right")
+BASES = ("svd", "gram")
+"""How P is computed: the thin SVD (GaLore's, the default) or eigenvectors of the smaller Gram matrix."""
 """proj_type values: "std" projects the longer side away (right when m ≥ n, as GaLore does)."""
 
 
@@ -35,15 +37,23 @@ def projection_side(shape: torch.Size | tuple[int, ...], proj_type: str) -> str:
     return "right" if shape[0] >= shape[1] else "left"
 
 
-def orthogonal_basis(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+def orthogonal_basis(grad: torch.Tensor, rank: int, side: str, method: str = "svd") -> torch.Tensor:
     """P from the top-r singular vectors of `grad`: (r, n) rows of Vᵀ for "right", (m, r) columns of U for "left".
 
-    The SVD is the thin one (`full_matrices=False`, cost O(mn·min(m, n))) in fp32, as GaLore computes it,
-    so the basis equals galore-torch's bit for bit on the same gradient; it runs once every T steps.
+    "svd": the thin SVD (`full_matrices=False`, O(mn·min(m, n))) in fp32, as GaLore computes it, so the basis
+    equals galore-torch's bit for bit. "gram": the top eigenvectors of the Gram matrix of the projected side,
+    GᵀG (n×n) for "right" or GGᵀ (m×m) for "left", formed by one fp32 GEMM and decomposed in fp64: the same
+    subspace (each vector up to its sign) several times faster on tall matrices such as an embedding; the
+    squared condition number costs accuracy only in the small singular directions, which P drops.
     """
     matrix = grad.float()
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    basis = vh[:rank] if side == "right" else u[:, :rank]
+    if method == "gram":
+        gram = matrix.T @ matrix if side == "right" else matrix @ matrix.T
+        top = torch.linalg.eigh(gram.double())[1][:, -rank:].flip(1).float()  # (side, r), largest first
+        basis = top.T if side == "right" else top
+    else:
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        basis = vh[:rank] if side == "right" else u[:, :rank]
     return basis.to(grad.dtype).contiguous()
 
 
@@ -65,19 +75,31 @@ def woodbury_inverse_fisher(history: torch.Tensor, g: torch.Tensor, damping: flo
 
     Cost O(k·s²) time and O(k·s) memory: the only square matrix is the s×s `I + λ⁻¹ H Hᵀ`.
     """
+    return _woodbury(history, g, history @ history.T, history @ g, damping)
+
+
+def _woodbury(history: torch.Tensor, g: torch.Tensor, gram: torch.Tensor, hg: torch.Tensor, damping: float):
+    """λ⁻¹ g − λ⁻² Hᵀ (I + λ⁻¹ gram)⁻¹ hg, given gram = H Hᵀ (s, s) and hg = H g (s,); Cholesky on s×s."""
     inv = 1.0 / damping
-    inner = history @ history.T  # (s, s)
-    inner.mul_(inv).diagonal().add_(1.0)
+    inner = gram * inv
+    inner.diagonal().add_(1.0)
     factor = torch.linalg.cholesky(inner)
-    coeff = torch.cholesky_solve((history @ g).unsqueeze(1), factor).squeeze(1)  # (s,)
+    coeff = torch.cholesky_solve(hg.unsqueeze(1), factor).squeeze(1)  # (s,)
     return (g * inv).sub_(history.T @ coeff, alpha=inv * inv)
 
 
-def natural_transform(low: torch.Tensor, ring: torch.Tensor, filled: int, slot: int, damping: float) -> torch.Tensor:
+def natural_transform(low: torch.Tensor, ring: torch.Tensor, gram: torch.Tensor, filled: int, slot: int,
+                      damping: float) -> torch.Tensor:
     """Write vec(R) into the FIFO ring (s, k) at `slot`, then return F̂⁻¹ vec(R) over the filled rows, shaped as R.
 
     The order of the rows does not matter (Hᵀ H is a sum over them), so a ring buffer stands for the FIFO.
+    `gram` (s, s) caches H Hᵀ: only the new row's products change, and they are H g, which the right-hand
+    side needs anyway, so a step costs O(k·s) rather than the O(k·s²) of recomputing H Hᵀ.
     """
     g = low.reshape(-1)
     ring[slot].copy_(g)
-    return woodbury_inverse_fisher(ring[:filled], g, damping).view_as(low)
+    history = ring[:filled]
+    hg = history @ g  # (filled,)
+    gram[slot, :filled] = hg
+    gram[:filled, slot] = hg
+    return _woodbury(history, g, gram[:filled, :filled], hg, damping).view_as(low)
