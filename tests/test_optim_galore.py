@@ -189,6 +189,17 @@ def test_same_steps_as_galore_torch():
 
 
 @pytest.mark.parametrize("natural", [False, True])
+def test_bf16_weights_train(natural):
+    model = _mlp(dtype=torch.bfloat16)
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=2, natural=natural), lr=1e-2)
+    before = _params(model)
+    _train(model, opt, 5)
+    assert opt.state[model[0].weight]["projection"].dtype == torch.bfloat16
+    for a, b in zip(before, _params(model), strict=True):
+        assert torch.isfinite(b).all() and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("natural", [False, True])
 def test_resume_from_state_dict_equals_an_uninterrupted_run(natural):
     """10 steps == 4 steps, state_dict into a fresh optimizer (through the checkpoint's tensor/JSON split), 6 more."""
     from peftkit.train.checkpoint import flatten_optimizer, unflatten_optimizer

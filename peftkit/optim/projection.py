@@ -94,11 +94,15 @@ def natural_transform(low: torch.Tensor, ring: torch.Tensor, gram: torch.Tensor,
 
     The order of the rows does not matter (Hᵀ H is a sum over them), so a ring buffer stands for the FIFO.
     `gram` (s, s) caches H Hᵀ: only the new row's products change, and they are H g, which the right-hand
-    side needs anyway, so a step costs O(k·s) rather than the O(k·s²) of recomputing H Hᵀ.
+    side needs anyway, so a step costs O(k·s) rather than the O(k·s²) of recomputing H Hᵀ. In bf16/fp16
+    the products are recomputed in fp32 every step instead (a half-precision H Hᵀ can lose definiteness).
     """
     g = low.reshape(-1)
     ring[slot].copy_(g)
     history = ring[:filled]
+    if ring.dtype in (torch.bfloat16, torch.float16):  # Cholesky needs fp32: recompute rather than cache
+        history, g = history.float(), g.float()
+        return woodbury_inverse_fisher(history, g, damping).to(low.dtype).view_as(low)
     hg = history @ g  # (filled,)
     gram[slot, :filled] = hg
     gram[:filled, slot] = hg
