@@ -82,6 +82,9 @@ def test_one_dimensional_parameter_in_a_projected_group_is_refused_before_traini
     model = _mlp()
     with pytest.raises(ValueError, match=r"shape \(24,\).*galore_param_groups"):
         GaLoreAdamW([{"params": list(model.parameters()), "rank": 4}])
+    opt = GaLoreAdamW([model[0].weight], rank=None)
+    with pytest.raises(ValueError, match=r"shape \(8,\)"):  # a group added later is checked too
+        opt.add_param_group({"params": [model[2].bias], "rank": 2})
     with pytest.raises(ValueError, match="proj_type"):
         GaLoreAdamW([{"params": [model[0].weight], "rank": 4, "proj_type": "diagonal"}])
 

@@ -69,8 +69,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
                     "natural": natural, "history_size": history_size, "damping": damping, "svd": svd}
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_group(group)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group (defaults filled in), then refuse what GaLore cannot project, before any step."""
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure=None):
