@@ -154,8 +154,18 @@ def test_kth_smallest_abs_is_exact_in_every_float_dtype():
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(1000, generator=gen).to(dtype)
-        for k in (1, 300, 1000):
-            assert mezo_module.kth_smallest_abs(x, k) == x.abs().float().kthvalue(k).values.to(dtype)
+        x[:100] = 0.0  # ties, and -0.0 next to 0.0
+        x[100:150] = -0.0
+        x[150:200] = x[200:250]
+        for k in (1, 149, 150, 151, 300, 777, 1000):
+            assert mezo_module.kth_smallest_abs(x, k) == x.abs().double().kthvalue(k).values.to(dtype)
+
+
+def test_kth_smallest_abs_across_chunks(monkeypatch):
+    monkeypatch.setattr(mezo_module, "CHUNK", 64)
+    x = torch.randn(50, 41, generator=torch.Generator().manual_seed(3)) * 0.02
+    for k in (1, 1000, 2050):
+        assert mezo_module.kth_smallest_abs(x, k) == x.abs().flatten().kthvalue(k).values
 
 
 def test_mezo_trains_only_a_lora_adapters_parameters():

@@ -69,21 +69,22 @@ def _unpack(packed: torch.Tensor, start: int, n: int) -> torch.Tensor:
 
 
 def kth_smallest_abs(p: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest |θ| of `p` (1-based), exactly, by bisection on the float's bit pattern.
+    """The k-th smallest |θ| of `p` (1 ≤ k ≤ n), exactly, in two passes of one chunk at a time.
 
-    Counting chunk by chunk keeps the extra memory to one chunk (kthvalue would copy the tensor).
-    Non-negative floats order like their bit patterns read as integers.
+    Non-negative floats order like their bit patterns read as integers, so a histogram of the top 16
+    bits of |θ| finds the bin that holds the k-th value (pass 1); only that bin's entries are then
+    gathered and ranked (pass 2). kthvalue on the whole tensor would copy it (and its int64 indices).
     """
     ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
             torch.bfloat16: torch.int16}[p.dtype]
-    as_float = lambda bits: torch.tensor([bits], dtype=ints, device=p.device).view(p.dtype)[0]  # noqa: E731
-    lo, hi = 0, int(p.detach().abs().max().to(p.dtype).reshape(1).view(ints)[0])
-    while lo < hi:  # smallest bit pattern h with #{|θ| ≤ h} ≥ k
-        mid = (lo + hi) // 2
-        h = as_float(mid)
-        count = sum(int((chunk.abs() <= h).sum()) for _, chunk in _chunks(p.detach()))
-        lo, hi = (lo, mid) if count >= k else (mid + 1, hi)
-    return as_float(lo)
+    shift = torch.finfo(p.dtype).bits - 16
+    top = lambda chunk: (chunk.abs().view(ints) >> shift).long()  # noqa: E731  sign bit is 0: 0 .. 2^15 - 1
+    counts = sum(torch.bincount(top(chunk), minlength=1 << 15) for _, chunk in _chunks(p.detach()))
+    cumulative = counts.cumsum(0)
+    b = int(torch.searchsorted(cumulative, torch.tensor(k, device=cumulative.device)))  # first bin with ≥ k
+    rank = k - (int(cumulative[b - 1]) if b > 0 else 0)
+    inside = torch.cat([chunk.abs()[top(chunk) == b] for _, chunk in _chunks(p.detach())])
+    return inside.double().kthvalue(rank).values.to(p.dtype)  # float64 holds every float exactly
 
 
 class MeZO(torch.optim.Optimizer):
