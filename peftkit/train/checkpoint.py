@@ -8,9 +8,16 @@ Layout of a run's `output_dir`:
         optimizer.safetensors  per-parameter optimizer tensors, "<param index>.<name>" ("0.exp_avg", ...)
         rng.safetensors        torch CPU (and CUDA) generator states, one row per rank
         schedule.safetensors   the method schedule's tensors (AdaLoRA's importance EMAs), when it has one
+        training_schedule.safetensors  the training schedule's tensors (LISA's / IST's generator, IST's
+                               scores), when the run has one
         trainer_state.json     step, data position, optimizer hyperparameters and scalar state,
-                               the method schedule's counters, Python and NumPy RNG, loss and eval
-                               history, and the run's TrainConfig (compared when a run resumes)
+                               the schedules' counters and active sets (keys "method_schedule",
+                               "training_schedule"), Python and NumPy RNG, loss and eval history,
+                               and the run's TrainConfig (compared when a run resumes)
+
+Optimizer state is whatever `state_dict()` holds, as long as it is tensors and plain numbers: GaLore's
+projection matrices and MeZO's seed stream, step count and (seed, g) records go through as they are.
+A checkpoint written before training schedules existed has no "training_schedule" key and still reads.
     checkpoint-last -> checkpoint-000040
 
 A checkpoint is written into a hidden temporary directory, every file is fsynced, the directory is
@@ -49,6 +56,8 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 SCHEDULE_FILE = "schedule.safetensors"
+SCHEDULE_FILES = {"method_schedule": SCHEDULE_FILE, "training_schedule": "training_schedule.safetensors"}
+"""trainer_state.json key -> tensor file, for each kind of schedule a checkpoint may hold."""
 
 
 _NAME = re.compile(r"checkpoint-(\d{6,})")
@@ -178,11 +187,12 @@ def _gather(state: torch.Tensor, world_size: int, device: torch.device) -> torch
 
 # --- writing ----------------------------------------------------------------------------------
 def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, state: dict,
-                    rng: tuple[dict, dict], keep: int = 2, method_schedule=None) -> Path:
+                    rng: tuple[dict, dict], keep: int = 2, method_schedule=None, training_schedule=None) -> Path:
     """Write a complete checkpoint atomically, point `checkpoint-last` at it and prune old ones.
 
     `state` is the JSON part the loop owns (step, data position, history, run config); `rng` comes
-    from `capture_rng`; `method_schedule` is the model's MethodSchedule (rank budgets), if any.
+    from `capture_rng`; `method_schedule` is the model's MethodSchedule (rank budgets), if any, and
+    `training_schedule` the run's LISA / IST, if any.
     Call on one rank only, by the process that holds `output_dir`'s lock (`output_dir.claim`):
     temporary directories of other processes are deleted as left by a kill. Returns the directory.
     """
@@ -201,9 +211,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, model: nn.Module, 
     _write_tensors(tmp / OPTIMIZER_FILE, opt_tensors)
     _write_tensors(tmp / RNG_FILE, rng[0])
     meta = {**state, "optimizer": opt_meta, "rng": rng[1]}
-    if method_schedule is not None:
-        schedule_tensors, meta["method_schedule"] = split_schedule_state(method_schedule.state_dict())
-        _write_tensors(tmp / SCHEDULE_FILE, schedule_tensors)
+    for key, schedule in (("method_schedule", method_schedule), ("training_schedule", training_schedule)):
+        if schedule is not None:
+            schedule_tensors, meta[key] = split_schedule_state(schedule.state_dict())
+            _write_tensors(tmp / SCHEDULE_FILES[key], schedule_tensors)
     (tmp / STATE_FILE).write_text(json.dumps(meta))
     for path in tmp.iterdir():
         _fsync(path)
@@ -272,6 +283,8 @@ class Checkpoint:
     schedule: dict[str, torch.Tensor] | None
     base_fingerprint: dict
     """The fingerprint of the base the adapter was trained on (peftkit_adapter.json)."""
+    training_schedule: dict[str, torch.Tensor] | None = None
+    """The training schedule's tensors (LISA, IST), when the run had one."""
 
     @property
     def step(self) -> int:
@@ -293,12 +306,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{state_file} is corrupt or from another program: it lacks {missing or ['step']}")
     try:
         adapter_config, adapter_meta, adapter = read_adapter(path)
-        files = [OPTIMIZER_FILE, RNG_FILE] + ([SCHEDULE_FILE] if "method_schedule" in meta else [])
+        files = [OPTIMIZER_FILE, RNG_FILE] + [name for key, name in SCHEDULE_FILES.items() if key in meta]
         tensors = {name: read_tensors(path / name) for name in files}
     except Exception as err:  # noqa: BLE001  any file that does not parse makes the checkpoint incomplete
         raise CheckpointError(f"{path} is incomplete or corrupt: {err}") from err
     return Checkpoint(path, meta, adapter_config.to_dict(), adapter, tensors[OPTIMIZER_FILE],
-                      tensors[RNG_FILE], tensors.get(SCHEDULE_FILE), adapter_meta.get("base_fingerprint") or {})
+                      tensors[RNG_FILE], tensors.get(SCHEDULE_FILE), adapter_meta.get("base_fingerprint") or {},
+                      tensors.get(SCHEDULE_FILES["training_schedule"]))
 
 
 def find_resumable(output_dir: str | os.PathLike) -> tuple[Checkpoint | None, list[str]]:
@@ -323,8 +337,11 @@ def find_resumable(output_dir: str | os.PathLike) -> tuple[Checkpoint | None, li
 
 
 def load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, model: nn.Module, optimizer, rank: int,
-                    method_schedule=None) -> dict:
-    """Load adapter, optimizer, method schedule and RNG states; returns the JSON state.
+                    method_schedule=None, training_schedule=None, trainable: list[str] | None = None) -> dict:
+    """Load adapter, optimizer, method and training schedules and RNG states; returns the JSON state.
+
+    `trainable` names the parameters the run trains (default: those with requires_grad); a run with
+    a training schedule passes every parameter the schedule may activate, a set that does not move.
 
     The optimizer keeps its hyperparameters as the current run built them (`initial_lr`, `lr`,
     `weight_decay`) and takes only its state (moments, step counts) from the checkpoint: the loop
@@ -333,7 +350,8 @@ def load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, model: nn.Module
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     meta = ckpt.meta
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if trainable is None:
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if meta["trainable"] != trainable:
         raise CheckpointError(
             f"{ckpt.path} was saved from a model with other trainable parameters "
@@ -342,9 +360,18 @@ def load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, model: nn.Module
     if method_schedule is not None and ckpt.schedule is None:
         raise CheckpointError(f"{ckpt.path} holds no state of the method's schedule (written by a run without "
                               "it); resume with the adapter config it was trained with")
+    if (training_schedule is None) != (ckpt.training_schedule is None):
+        saved = "a" if ckpt.training_schedule is not None else "no"
+        raise CheckpointError(f"{ckpt.path} holds {saved} training schedule state (LISA/IST) and this run has "
+                              f"{'none' if training_schedule is None else type(training_schedule).__name__}; "
+                              "resume with the schedule it was trained with")
     template = optimizer.state_dict()
+    # own, freshly allocated copies: tensors read from a safetensors buffer need not be as aligned as
+    # torch's allocations, and BLAS kernels (Natural GaLore's Woodbury products) round differently on
+    # another alignment, so a resumed run drifted from the uninterrupted one in the last bits
+    tensors = {k: v.clone() for k, v in ckpt.optimizer.items()}
     try:
-        saved = unflatten_optimizer(ckpt.optimizer, meta["optimizer"], template)
+        saved = unflatten_optimizer(tensors, meta["optimizer"], template)
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"the optimizer state in {ckpt.path} does not fit this run's optimizer ({err}); "
                               "resume with the optimizer it was trained with") from err
@@ -353,6 +380,8 @@ def load_checkpoint(checkpoint: Checkpoint | str | os.PathLike, model: nn.Module
     optimizer.load_state_dict(saved)
     if method_schedule is not None:
         method_schedule.load_state_dict({**meta["method_schedule"], **ckpt.schedule})
+    if training_schedule is not None:
+        training_schedule.load_state_dict({**meta["training_schedule"], **ckpt.training_schedule})
     load_adapter_state_dict(model, ckpt.adapter)  # last of what can fail: the model changes only if all fit
     restore_rng(ckpt.rng, meta["rng"], rank)
     return meta

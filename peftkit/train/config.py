@@ -46,7 +46,7 @@ class TrainConfig:
 
     max_grad_norm: float = 1.0
     """Clip the global L2 norm of the trainable gradients to this; 0 turns clipping off (a NaN or
-    infinite gradient stops the run either way)."""
+    infinite gradient stops the run either way). optimizer=mezo forms no gradient: leave it at 1 or 0."""
 
     eval_every: int = 0
     """Evaluate every N steps (and always after the last step); 0 evaluates only at the end."""
@@ -88,6 +88,52 @@ class TrainConfig:
     """Let a fresh run (not a resumed one) clear the checkpoints, metrics and adapter another run left in
     `output_dir`; without it such a run is refused, so two runs' files never mix."""
 
+    optimizer: str = "adamw"
+    """"adamw" (AdamW, or AdamR with decay_to_init), "galore" (AdamW whose moments live in a rank
+    galore_rank projection of each 2-D trainable weight's gradient: GaLore, arXiv:2403.03507) or "mezo"
+    (zeroth-order SGD from two forward passes, no backward: MeZO, arXiv:2305.17333; run in eval mode,
+    dropout off; max_grad_norm does not apply; with grad_accum > 1 each loss is the mean over the
+    step's grad_accum micro-batches). MeZO needs a far smaller lr (1e-6 full, 5e-5 LoRA)."""
+
+    galore_rank: int = 128
+    """GaLore: r, the rank of each weight's gradient projection (its moments hold r·max(m, n) numbers)."""
+
+    galore_update_gap: int = 200
+    """GaLore: T, steps between two refreshes of a projection (an SVD of the gradient)."""
+
+    galore_scale: float = 0.25
+    """GaLore: α, the factor on the projected-back update."""
+
+    galore_natural: bool = False
+    """GaLore: Natural GaLore (arXiv:2410.16029), the projected gradient preconditioned by the inverse
+    empirical Fisher of its last 20 values."""
+
+    mezo_eps: float = 1e-3
+    """MeZO: ε, the scale of the random perturbation θ ± εz."""
+
+    mezo_sparsity: float = 0.0
+    """MeZO: share of each tensor's largest-magnitude entries left untouched (Sparse MeZO,
+    arXiv:2402.15751); 0 is MeZO."""
+
+    schedule: str | None = None
+    """What trains when: None (everything trainable, every step), "lisa" (full fine-tuning of
+    lisa_gamma random transformer blocks plus embeddings and head; method full only: LISA,
+    arXiv:2403.17919) or "ist" (the per-layer adapters of ist_num_update blocks per step, drawn by a
+    learned importance score: IST, arXiv:2410.11772)."""
+
+    lisa_gamma: int = 2
+    """LISA: γ, transformer blocks that train at a time."""
+
+    lisa_period: int = 20
+    """LISA: K, steps between two draws of the active blocks."""
+
+    ist_num_update: int | None = None
+    """IST: blocks whose adapters train per step; None uses a quarter of the blocks (at least 1)."""
+
+    ist_update_interval: int = 10
+    """IST: steps between two updates of the block scores, each from 3 eval-mode losses on the first
+    evaluation batch; 0 never updates them (uniform sampling, no evaluation data needed)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
@@ -120,6 +166,7 @@ class TrainConfig:
              f"eval_batches must be >= 1 or None, got {self.eval_batches}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.bf16 in ("auto", True, False), f"bf16 must be 'auto', true or false, got {self.bf16!r}"),
+            *_training_method_checks(self),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:
@@ -130,3 +177,31 @@ class TrainConfig:
         if self.max_steps is not None:
             return self.max_steps
         return max(1, math.ceil(self.epochs * batches_per_epoch / self.grad_accum))
+
+
+OPTIMIZERS = ("adamw", "galore", "mezo")
+SCHEDULES = (None, "lisa", "ist")
+
+
+def _training_method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """(ok, message) of the optimizer and schedule fields and of the combinations that cannot work."""
+    mezo = cfg.optimizer == "mezo"
+    return [
+        (cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"),
+        (cfg.schedule in SCHEDULES, f"schedule must be null, 'lisa' or 'ist', got {cfg.schedule!r}"),
+        (min(cfg.galore_rank, cfg.galore_update_gap, cfg.lisa_gamma, cfg.lisa_period) >= 1,
+         "galore_rank, galore_update_gap, lisa_gamma and lisa_period must be >= 1"),
+        (cfg.mezo_eps > 0 and 0 <= cfg.mezo_sparsity < 1,
+         f"mezo_eps must be > 0 and mezo_sparsity in [0, 1), got {cfg.mezo_eps} and {cfg.mezo_sparsity}"),
+        ((cfg.ist_num_update is None or cfg.ist_num_update >= 1) and cfg.ist_update_interval >= 0,
+         "ist_num_update must be >= 1 or None and ist_update_interval >= 0"),
+        (not cfg.decay_to_init or cfg.optimizer == "adamw",
+         f"decay_to_init is AdamR, an AdamW variant; it does not combine with optimizer={cfg.optimizer!r}"),
+        # MeZO forms no gradient: clipping one has no meaning, and a set value would be silently ignored
+        (not mezo or cfg.max_grad_norm in (0, 1.0),
+         f"optimizer=mezo forms no gradient, so max_grad_norm={cfg.max_grad_norm} would clip nothing; leave it "
+         "at its default or set 0"),
+        # MeZO perturbs every parameter it holds, trainable this step or not: a moving subset cannot work
+        (not (mezo and cfg.schedule), f"schedule={cfg.schedule!r} trains a moving subset through gradients and "
+         "optimizer state; optimizer=mezo perturbs every parameter it holds. Use adamw or galore with it"),
+    ]

@@ -24,6 +24,11 @@ A method that needs per-step work (AdaLoRA's budget, IncreLoRA's growth) has a `
 (`peftkit.schedule_for`); the loop adds it to the callbacks by itself unless one is passed, and
 saves and restores its state with every checkpoint.
 
+`cfg.optimizer` picks AdamW, GaLore or MeZO and `cfg.schedule` a training schedule (LISA, IST) that
+runs right after the method's schedule and is checkpointed beside it (`memory_saving.py`). With MeZO a
+step is two forward passes of a closure instead of forward + backward: no gradient, no clipping,
+callbacks' on_after_backward still run once per step, before the update (with no gradients to read).
+
 Determinism: epoch e's data order is a permutation drawn from a generator seeded with (seed, e),
 split across ranks like DistributedSampler. A resumed run recomputes it and starts at the saved
 micro-batch position; with weights, optimizer, scheduler and RNG states restored it repeats the
@@ -60,12 +65,13 @@ from ..core.apply import has_adapter
 from ..core.config import ConfigError
 from ..core.io import save
 from ..core.params import param_groups, trainable_parameters
-from ..core.schedule import MethodSchedule, schedule_for
+from ..core.schedule import MethodSchedule
 from .checkpoint import capture_rng, checkpoint_name, save_checkpoint
 from .config import TrainConfig  # noqa: F401  (re-exported: the loop's settings)
 from .distributed import Dist, all_reduce_gradients, epoch_batches, setup_distributed  # noqa: F401
 from .evaluation import accuracy, autocast_for, evaluate, loss_of, to_device  # noqa: F401
 from .finite import NonFiniteLossError, loss_and_gradients, nonfinite_names, weights_finite
+from .memory_saving import MeZO, mezo_update, next_batches, optimizer_for, run_schedules
 from .output_dir import OutputDirError, check_fresh, claim, clear_previous_run
 from .plots import plot_loss
 from .resume import resume_state, run_state
@@ -92,21 +98,21 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
 
 
 def _build_optimizer(model: nn.Module, params: list[nn.Parameter], optimizer, cfg: TrainConfig):
-    """AdamW over the trainable parameters, unless given an optimizer or a param-group builder.
+    """cfg.optimizer (AdamW, GaLore, MeZO) over the trainable parameters, unless given an optimizer or a
+    param-group builder (whose groups then get cfg.optimizer).
 
     By default one group per learning rate the adapter asks for (`param_groups`: DePT trains its
     prompt and its embedding update with two); one group, at `cfg.lr`, for most methods.
     """
+    if isinstance(optimizer, torch.optim.Optimizer) and cfg.optimizer != "adamw":
+        raise ConfigError(f"train() got both an optimizer object and cfg.optimizer={cfg.optimizer!r}; pass one: "
+                          "the object (leave cfg.optimizer at 'adamw') or the setting")
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     groups = optimizer(model) if callable(optimizer) else param_groups(model, cfg.lr)
     if isinstance(groups, torch.optim.Optimizer):
         return groups
-    if cfg.decay_to_init:
-        from ..optim.adamr import AdamR
-
-        return AdamR(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer_for(groups, cfg)
 
 
 def train(model: nn.Module, train_data, eval_data, cfg: TrainConfig, collate_fn: Callable, *,
@@ -188,30 +194,27 @@ def _claim_output_dir(cfg: TrainConfig, resume, overwrite: bool, run: Dist, held
 def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, metric_fn, callbacks, run) -> dict:
     out = Path(cfg.output_dir)
     params, optimizer, scheduler, total = _setup(model, train_data, cfg, optimizer, run)
-    method_schedule = next((cb for cb in callbacks if isinstance(cb, MethodSchedule)), None)
-    if method_schedule is None:
-        method_schedule = schedule_for(model, total)  # the method's own per-step work, if it has any
-        callbacks = [*callbacks, method_schedule] if method_schedule is not None else callbacks
-    state = resume_state(resume, cfg, model, optimizer, scheduler, run, len(train_data), total, method_schedule)
+    schedules = run_schedules(model, callbacks, total, optimizer, cfg, (eval_data, collate_fn), run)
+    method_schedule, training_schedule = schedules["method_schedule"], schedules["training_schedule"]
+    callbacks = [*callbacks, method_schedule] if method_schedule not in (None, *callbacks) else callbacks
+    state = resume_state(resume, cfg, model, optimizer, scheduler, run, len(train_data), total, schedules, params)
     start, history, last_good = state["step"], state["history"], state["path"]
     data = micro_batches(train_data, collate_fn, cfg, start * cfg.grad_accum, run)
     extra_losses = [cb.extra_loss for cb in callbacks if hasattr(cb, "extra_loss")]
     after_backward = [cb.on_after_backward for cb in callbacks if hasattr(cb, "on_after_backward")]
+    if training_schedule is not None:  # after every other hook: the method's schedule still sees all gradients
+        after_backward.append(lambda step, model, optimizer: training_schedule.step(step, optimizer))
     bar = tqdm(total=total, initial=start, unit="step", disable=not (cfg.progress and run.rank == 0))
     started = time.perf_counter()
     try:
         for step in range(start + 1, total + 1):
-            # forward and backward over grad_accum micro-batches; dividing by grad_accum makes it their mean
-            step_loss = torch.zeros((), device=run.device)
-            for _ in range(cfg.grad_accum):
-                batch = to_device(next(data), run.device)
-                with autocast_for(cfg, run.device):
-                    terms = [t for term in extra_losses if (t := term(model)) is not None]
-                    loss = loss_of(model(**batch)) + sum(terms)
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach().float() / cfg.grad_accum
-            loss_value, lr = _update(step, step_loss, model, params, optimizer, scheduler, after_backward, cfg, run,
-                                     last_good)
+            if isinstance(optimizer, MeZO):  # forward passes only: the closure's losses give the update
+                loss_value, lr = mezo_update(step, next_batches(data, cfg, run), model, params, optimizer, scheduler,
+                                             (extra_losses, after_backward), cfg, run, last_good)
+            else:
+                step_loss = _forward_backward(model, data, extra_losses, cfg, run)
+                loss_value, lr = _update(step, step_loss, model, params, optimizer, scheduler, after_backward, cfg,
+                                         run, last_good)
             history["train_loss"].append({"step": step, "loss": loss_value, "lr": lr})
             _report(bar, cfg, run, step, total, loss_value, lr, (step - start) / (time.perf_counter() - started))
             if eval_data is not None and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
@@ -219,17 +222,32 @@ def _train(model, train_data, eval_data, cfg, collate_fn, optimizer, resume, met
                 history["eval"].append({"step": step, **figures})
                 _report_eval(cfg, run, history["eval"][-1])
             if cfg.save_every and (step % cfg.save_every == 0 or step == total):
-                last_good = _checkpoint(out, step, model, optimizer, cfg, run, history, len(train_data),
-                                        method_schedule)
+                last_good = _checkpoint(out, step, model, optimizer, cfg, run, history, len(train_data), schedules,
+                                        params)
     except NonFiniteLossError as err:
         optimizer.zero_grad(set_to_none=True)
         _finish(model, cfg, run, history, f"stopped: non-finite {err.what} at step {err.step}", started, start)
         raise
     finally:
         bar.close()
+        for p in params:  # a training schedule froze what was idle at the end; the model trains all of it again
+            p.requires_grad_(True)
     if run.rank == 0 and cfg.save_adapter:
         save(model, out / "adapter")
     return _finish(model, cfg, run, history, "completed", started, start)
+
+
+def _forward_backward(model, data: Iterator[dict], extra_losses, cfg: TrainConfig, run: Dist) -> torch.Tensor:
+    """Forward and backward over grad_accum micro-batches; dividing by grad_accum makes the loss their mean."""
+    step_loss = torch.zeros((), device=run.device)
+    for _ in range(cfg.grad_accum):
+        batch = to_device(next(data), run.device)
+        with autocast_for(cfg, run.device):
+            terms = [t for term in extra_losses if (t := term(model)) is not None]
+            loss = loss_of(model(**batch)) + sum(terms)
+        (loss / cfg.grad_accum).backward()
+        step_loss += loss.detach().float() / cfg.grad_accum
+    return step_loss
 
 
 def _update(step: int, step_loss: torch.Tensor, model, params, optimizer, scheduler, after_backward, cfg, run: Dist,
@@ -300,14 +318,13 @@ def _report_eval(cfg: TrainConfig, run: Dist, figures: dict) -> None:
 
 
 def _checkpoint(out: Path, step: int, model, optimizer, cfg: TrainConfig, run: Dist, history: dict, n: int,
-                method_schedule: MethodSchedule | None) -> Path:
+                schedules: dict[str, MethodSchedule | None], params: list[nn.Parameter]) -> Path:
     """Write the checkpoint of `step` (rank 0; every rank takes part in gathering RNG states); its path."""
     rng = capture_rng(run.world, run.device)  # a collective: every rank takes part
     if run.rank == 0:
-        state = {"step": step, "micro_batches": step * cfg.grad_accum, **run_state(cfg, run, n, model),
+        state = {"step": step, "micro_batches": step * cfg.grad_accum, **run_state(cfg, run, n, model, params),
                  "history": history}
-        save_checkpoint(out, step, model, optimizer, state, rng, keep=cfg.keep_checkpoints,
-                        method_schedule=method_schedule)
+        save_checkpoint(out, step, model, optimizer, state, rng, keep=cfg.keep_checkpoints, **schedules)
     return out / checkpoint_name(step)
 
 

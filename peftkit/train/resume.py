@@ -9,7 +9,10 @@ A checkpoint stores the run's TrainConfig (trainer_state.json) and the adapter c
   warning, and the learning rate is derived from the CURRENT schedule at the saved step, instead of
   restoring a scheduler state that baked in the old peak and length (which ran a step at lr 0);
 - a different data order (seed, batch size, grad_accum, world size, examples) is allowed with a warning;
-- a checkpoint past the new run's last step is refused with what to change.
+- a checkpoint past the new run's last step is refused with what to change;
+- a different optimizer or training schedule, or one of their settings (`TRAINING_METHOD_FIELDS`), is
+  refused: the saved optimizer and schedule states (GaLore's projections, MeZO's seed stream, LISA's
+  and IST's active blocks) mean something only under the settings that wrote them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from .distributed import Dist
 SCHEDULE_FIELDS = ("lr", "max_steps", "epochs", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm")
 """TrainConfig fields a resumed run may change: it continues under the new values, with a warning."""
 
+TRAINING_METHOD_FIELDS = ("optimizer", "galore_rank", "galore_update_gap", "galore_scale", "galore_natural", "mezo_eps",
+                          "mezo_sparsity", "schedule", "lisa_gamma", "lisa_period", "ist_num_update",
+                          "ist_update_interval")
+"""TrainConfig fields a resumed run must keep (a checkpoint without them was written with their defaults)."""
+
 
 def data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
     """What fixes the data order: a resumed run with other values cannot repeat the original one."""
@@ -36,17 +44,28 @@ def data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
             "world_size": run.world, "examples": n}
 
 
-def run_state(cfg: TrainConfig, run: Dist, n: int, model) -> dict:
+def run_state(cfg: TrainConfig, run: Dist, n: int, model, params=None) -> dict:
     """The JSON a checkpoint stores about the run, besides step and history."""
     return {"data": data_key(cfg, run, n), "train_config": dataclasses.asdict(cfg),
-            "trainable": [name for name, p in model.named_parameters() if p.requires_grad]}
+            "trainable": trained_names(model, params)}
+
+
+def trained_names(model, params=None) -> list[str]:
+    """Names of the parameters the run trains: `params` (the loop's, which include what a training
+    schedule has frozen for now), or those with requires_grad."""
+    if params is None:
+        return [name for name, p in model.named_parameters() if p.requires_grad]
+    ids = {id(p) for p in params}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
 def resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Dist, n: int, total: int,
-                 method_schedule=None) -> dict:
-    """Step 0, or the checkpoint's state after loading its weights, optimizer, method schedule and RNG.
+                 schedules: dict | None = None, params=None) -> dict:
+    """Step 0, or the checkpoint's state after loading its weights, optimizer, schedules and RNG.
 
-    Returns the checkpoint's JSON state plus "path" (the checkpoint resumed from, or None).
+    `schedules` maps "method_schedule" / "training_schedule" to the run's (or None); `params` are the
+    parameters the run trains. Returns the checkpoint's JSON state plus "path" (the checkpoint resumed
+    from, or None).
     """
     fresh = {"step": 0, "history": {"train_loss": [], "eval": []}, "path": None}
     if not resume:
@@ -61,8 +80,10 @@ def resume_state(resume, cfg: TrainConfig, model, optimizer, scheduler, run: Dis
         raise ConfigError(f"{ckpt.path} is at step {ckpt.step}, past this run's last step {total} (max_steps="
                           f"{cfg.max_steps}, epochs={cfg.epochs}); raise max_steps above {ckpt.step} to continue it, "
                           "or start a fresh run (overwrite=True or another output_dir)")
+    _check_training_method(ckpt, cfg)
     _warn_changes(ckpt, cfg, run, n)
-    state = load_checkpoint(ckpt, model, optimizer, run.rank, method_schedule)
+    state = load_checkpoint(ckpt, model, optimizer, run.rank, **(schedules or {}),
+                            trainable=trained_names(model, params))
     position_schedule(scheduler, optimizer, ckpt.step)
     if run.rank == 0:
         print(f"resumed from {ckpt.path} at step {ckpt.step}, lr {optimizer.param_groups[0]['lr']:.3g}")
@@ -109,6 +130,18 @@ def _check_adapter(ckpt: Checkpoint, model) -> None:
         raise CheckpointError(f"{ckpt.path} was trained with another adapter config or base ({'; '.join(differ)}); resume "
                               "with the config it was trained with, or start a fresh run (overwrite=True or "
                               "another output_dir)")
+
+
+def _check_training_method(ckpt: Checkpoint, cfg: TrainConfig) -> None:
+    """Refuse another optimizer or training schedule, or other settings of them, than the checkpoint's."""
+    saved_cfg = ckpt.meta.get("train_config") or {}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    differ = [f"{k}: {saved_cfg.get(k, defaults[k])!r} then, {getattr(cfg, k)!r} now" for k in TRAINING_METHOD_FIELDS
+              if saved_cfg.get(k, defaults[k]) != getattr(cfg, k)]
+    if differ:
+        raise CheckpointError(f"{ckpt.path} was trained with another optimizer or schedule ({'; '.join(differ)}); its "
+                              "optimizer and schedule states hold only under those settings: resume with them, or "
+                              "start a fresh run (overwrite=True or another output_dir)")
 
 
 def _warn_changes(ckpt: Checkpoint, cfg: TrainConfig, run: Dist, n: int) -> None:
