@@ -265,3 +265,46 @@ def test_galore_keeps_each_groups_learning_rate_and_leaves_vectors_to_adamw():
                            TrainConfig(optimizer="galore", galore_rank=2))
     assert [(g["lr"], g["rank"], [id(p) for p in g["params"]]) for g in opt.param_groups] == [
         (0.1, 2, [id(a)]), (0.1, None, [id(b)]), (0.2, 2, [id(c)])]
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import torch
+from safetensors.torch import save_file
+from peftkit.core.io import adapter_state_dict
+from peftkit.train.loop import train
+from train_toy import lora_classifier, stack, toy_config, toy_data
+
+torch.set_num_threads(1)
+model = lora_classifier()
+train(model, toy_data(64), None, toy_config(sys.argv[1], max_steps=4, save_every=0, batch_size=4, **{fields!r}), stack)
+save_file({{k: v.contiguous() for k, v in adapter_state_dict(model).items()}},
+          os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".safetensors"))
+"""
+
+
+@pytest.mark.parametrize("name", ["mezo", "galore"])
+def test_torchrun_two_ranks_take_the_same_steps_as_one_process(tmp_path, name):
+    """Under torchrun MeZO averages each loss over ranks (same seed, same g) and GaLore projects the averaged
+    gradient: both ranks end equal, and equal to one process on the same 8 examples a step."""
+    import os
+    import subprocess
+    import sys
+
+    from peftkit.core.io import adapter_state_dict
+
+    fields = {k: v for k, v in RUNS[name][2].items() if k != "grad_accum"}
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), fields=fields))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "out")],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (load_file(tmp_path / "out" / f"rank{r}.safetensors") for r in (0, 1))
+    single = lora_classifier()
+    train(single, toy_data(64), None, toy_config(tmp_path / "single", max_steps=4, save_every=0, batch_size=8,
+                                                 **fields), stack)
+    for key, value in adapter_state_dict(single).items():
+        torch.testing.assert_close(rank1[key], rank0[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(rank0[key], value, rtol=0, atol=1e-5, msg=key)
