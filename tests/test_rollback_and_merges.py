@@ -20,6 +20,7 @@ import peftkit
 import peftkit.core.apply as apply_module
 from peftkit.core import weights
 from peftkit.core.apply import get_state
+from peftkit.core.model_adapter import ModelAdapter
 
 from test_contract import ROWS
 from tiny_models import MODELS, example_inputs, output_of, tiny_gemma2, tiny_gpt2, tiny_llama
@@ -53,12 +54,28 @@ def assert_same(model: nn.Module, before: dict) -> None:
 
 
 def faulty_layers(monkeypatch, hook: str, fail_at: int, error: BaseException) -> None:
-    """Make the `fail_at`-th call of `hook` on any adapter layer raise `error` AFTER doing its work."""
+    """Make the `fail_at`-th call of `hook` on any adapter layer raise `error` AFTER doing its work; `attach`
+    is the hook of the adapter's whole-model part (`ModelAdapter.attach`, run once after all its layers)."""
     real_get_method = apply_module.get_method
     calls = [0]
 
     def get_method(cfg):
         method = real_get_method(cfg)
+        if hook == "attach":
+            make = method.model_adapter or ModelAdapter
+
+            def made(cfg):
+                part = make(cfg)
+                real = part.attach
+
+                def fail(*args, **kwargs):
+                    real(*args, **kwargs)
+                    raise error
+
+                part.attach = fail
+                return part
+
+            return dataclasses.replace(method, model_adapter=made)
         if method.build is None:
             return method
 
@@ -102,7 +119,7 @@ def _layer_count(row) -> int:
 
 
 # --- 1. a failed apply or load ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("hook", ["reset_parameters", "on_attach"])
+@pytest.mark.parametrize("hook", ["reset_parameters", "attach"])
 @pytest.mark.parametrize("row", ONE_PER_METHOD, ids=lambda r: r.id or r.config().method)
 def test_a_fault_in_the_last_layer_rolls_apply_back_exactly(row, hook, monkeypatch):
     count = _layer_count(row)
@@ -160,7 +177,7 @@ def test_a_failed_replace_puts_the_previous_adapter_back(init, monkeypatch):
         expected = output_of(model, inputs)
     before = model_state(model)
     state = get_state(model)
-    faulty_layers(monkeypatch, "on_attach", 2, RuntimeError("injected"))
+    faulty_layers(monkeypatch, "attach", 1, RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         peftkit.apply(model, peftkit.DoRAConfig(r=2, targets=["k_proj", "o_proj"]), replace=True)
     now = model_state(model)

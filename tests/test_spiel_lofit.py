@@ -362,16 +362,14 @@ def test_set_bias_creates_and_remove_bias_removes_a_bias():
 
 def test_merge_refuses_when_a_needed_bias_cannot_be_added():
     class Shift(AdapterLayer):
-        merge_adds_bias = True
-
         def adapt(self, x, y):
             return y + 1.0
 
         def merged_weight(self, weight):
             return weight
 
-        def merged_bias(self, bias):
-            return bias + 1.0
+        def merged_bias(self, bias):  # None in, a tensor out: merging needs a bias the base lacks
+            return (torch.zeros(2) if bias is None else bias) + 1.0
 
     class NoBias(nn.Linear):
         def peftkit_get_weight(self):  # an opaque (quantized-style) base: no bias can be added to it

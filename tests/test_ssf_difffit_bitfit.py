@@ -294,7 +294,7 @@ class _Scale(peftkit.AdapterLayer):
         return weight * self.s
 
     def merged_bias(self, bias):
-        return bias * self.s
+        return None if bias is None else bias * self.s
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,8 @@ class AdapterState:
     """(module name, local name) -> requires_grad of its layers' parameters, restored on activation."""
     stash: dict[str, torch.Tensor] = field(default_factory=dict)
     """Trained values of its selected parameters while it is inactive (the originals are in the model)."""
+    model_adapter: Any = None
+    """Its whole-model part (`core.model_adapter.ModelAdapter`), attached while the adapter is on the model."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ from .config import AdapterConfig, ConfigError
 from .fold import disabled, merge, unmerge
 from .inject import find_targets, get_module, swap_module
 from .layer import AdapterLayer
+from .model_adapter import ModelAdapter
 from .params import freeze, parameters_of_modules
 from .registry import get_method
 from .snapshot import ModelSnapshot
@@ -91,7 +92,7 @@ def apply(model: nn.Module, cfg: AdapterConfig, *, name: str | None = None, repl
     _check_name(name)
     method = get_method(cfg)
     undo = ModelSnapshot(model)
-    attached: list[AdapterLayer] = []
+    attached: list[ModelAdapter] = []
     try:
         if found is not None and replace:  # the named adapter, or without a name every adapter
             doomed = [] if explicit and name not in found.states else [name] if explicit else list(found.states)
@@ -112,9 +113,9 @@ def apply(model: nn.Module, cfg: AdapterConfig, *, name: str | None = None, repl
                 fill(model)
         set_active(model, [*_always_on(model), name])
     except BaseException:
-        for layer in reversed(attached):  # what on_attach installed outside the model; the snapshot does the rest
+        for part in attached:  # hooks a ModelAdapter installed (also half way); the snapshot does the rest
             with contextlib.suppress(Exception):
-                layer.on_detach(model)
+                part.detach(model)
         undo.restore()
         raise
     return model
@@ -136,7 +137,7 @@ def _check_name(name: str) -> None:
                           "not starting with '.' (it names a subdirectory when saved)")
 
 
-def _attach(model, cfg, method, name: str, init: bool, undo: ModelSnapshot, attached: list[AdapterLayer]) -> None:
+def _attach(model, cfg, method, name: str, init: bool, undo: ModelSnapshot, attached: list[ModelAdapter]) -> None:
     found = adapter_set(model)
     before = dict(next(iter(found.states.values())).requires_grad_before) if found else \
         {n: p.requires_grad for n, p in plain_parameters(model).items()}
@@ -166,9 +167,10 @@ def _attach(model, cfg, method, name: str, init: bool, undo: ModelSnapshot, atta
     adapter_set(model).current = None
     for layer in state.layers.values():
         layer.adapter_name, layer.router = name, router
-        with current(model, name):
-            layer.on_attach(model)
-        attached.append(layer)
+    state.model_adapter = (method.model_adapter or ModelAdapter)(cfg)  # the default one only keeps the layers
+    attached.append(state.model_adapter)
+    with current(model, name):
+        state.model_adapter.attach(model, state.layers)
 
 
 def _refuse_shared_selection(states: dict[str, AdapterState], name: str, selected: list[str]) -> None:
@@ -247,11 +249,12 @@ def _remove(model: nn.Module, state: AdapterState, originals: dict[str, torch.Te
     with torch.no_grad():
         for n, original in originals.items():
             params[n].copy_(original)
+    if state.model_adapter is not None:
+        state.model_adapter.detach(model)
     for layer in reversed(list(state.layers.values())):
         if not layer.merged:
             layer.restore_base()
             layer.retie()
-        layer.on_detach(model)
         swap_module(model, layer, layer.base)
 
 

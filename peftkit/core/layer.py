@@ -46,13 +46,6 @@ class AdapterLayer(PerSample, nn.Module):
     mergeable: bool = True
     """False for methods whose effect cannot be folded into base weights (prompt tuning)."""
 
-    peft_names: dict[str, str] = {}
-    """Local parameter name -> Hugging Face peft key suffix, for methods peft also has."""
-
-    merge_adds_bias: bool = False
-    """True when `merged_bias` shifts the output even with a zero bias (LoFiT's W_o v): merging a base
-    without a bias then gives it one (`weights.set_bias`), and unmerging removes it again."""
-
     rewrites_base: bool = False
     """True when `reset_parameters` or `after_load` write into the base's tensors (PiSSA's residual): `apply`
     then copies the base first, to roll a failed apply back bit for bit, and unties a shared base weight."""
@@ -71,7 +64,7 @@ class AdapterLayer(PerSample, nn.Module):
         self.router = None
         """The model's `routing.Router` (set by `apply`), consulted only during a mixed-adapter call."""
         self.added_bias = False
-        """Set while merged when merging created the base's bias (see `merge_adds_bias`)."""
+        """Set while merged when merging created the base's bias (`merged_bias(None)` gave a tensor)."""
         self.tied: dict[str, nn.Parameter] = {}
         """Base parameters shared with other modules that `untie` swapped for private copies, by local name."""
         self._base_copy: TensorSnapshot | None = None
@@ -100,8 +93,10 @@ class AdapterLayer(PerSample, nn.Module):
         """Inverse of `merged_weight`."""
         return weight - self.delta_weight().to(weight.dtype)
 
-    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """Base bias with the adapter folded in (unchanged by default)."""
+    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """Base bias with the adapter folded in (unchanged by default). `bias` is None when the base has none:
+        return None to leave it so, or a tensor when the update shifts the output (LoFiT's W_o v): merging then
+        gives the base a bias (`weights.set_bias`), and unmerging removes it again."""
         return bias
 
     def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
@@ -116,18 +111,6 @@ class AdapterLayer(PerSample, nn.Module):
 
     def restore_base(self) -> None:
         """Undo any change the init made to the base weight (called before unloading unmerged)."""
-
-    def learning_rates(self, base_lr: float) -> dict[str, float]:
-        """Learning rates of the adapter's own parameters that differ from the training lr `base_lr`, by
-        local name (DePT trains its prompt and its embedding update with two); `core.params.param_groups`
-        turns them into optimizer parameter groups. Parameters not named here train with `base_lr`."""
-        return {}
-
-    def on_attach(self, root: nn.Module) -> None:
-        """Install anything the method needs on the whole model (e.g. a forward pre-hook)."""
-
-    def on_detach(self, root: nn.Module) -> None:
-        """Remove what `on_attach` installed."""
 
     # --- written once -----------------------------------------------------------------------
     def base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -227,13 +210,11 @@ class AdapterLayer(PerSample, nn.Module):
         weight = weights.get_weight(self.base)
         new_weight = self.merged_weight(weight.float())
         bias = weights.get_bias(self.base)
-        adds_bias = bias is None and self.merge_adds_bias
+        new_bias = self.merged_bias(None if bias is None else bias.float())
+        adds_bias = bias is None and new_bias is not None
         if adds_bias and not weights.can_add_bias(self.base):
             raise MergeError(f"{type(self).__name__} folds into a bias, and {type(self.base).__name__} has none "
                              "that peftkit can add; use the adapter unmerged")
-        if adds_bias:
-            bias = torch.zeros(weight.shape[0], device=weight.device)
-        new_bias = None if bias is None else self.merged_bias(bias.float())
         finite = bool(torch.isfinite(new_weight).all()) and (new_bias is None or bool(torch.isfinite(new_bias).all()))
         if safe and not finite:
             raise MergeError(f"merging {type(self).__name__} gives non-finite weights; base left unchanged")
@@ -290,25 +271,6 @@ class AdapterLayer(PerSample, nn.Module):
         `needs_base_copy` says the update cannot be subtracted."""
         if not (self.merged and self.needs_base_copy()):
             self._base_copy = None
-
-    def peft_key(self, module_name: str, local: str) -> str:
-        """The key of one of this layer's tensors in a Hugging Face peft adapter file."""
-        return f"base_model.model.{module_name}.{self.peft_names[local]}"
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        """This layer's tensors as Hugging Face peft stores them, by local name (keys of `peft_names`).
-
-        Override when peft's form differs from peftkit's (LoRA folds PiSSA's initial factors in).
-        """
-        own = dict(self.named_parameters()) | dict(self.named_buffers())
-        return {local: own[local].detach() for local in self.peft_names}
-
-    def peft_recreated(self, module_name: str) -> dict[str, torch.Tensor]:
-        """Tensors a Hugging Face peft file may hold for this layer that peftkit re-creates rather than loads
-        (RandLoRA's seeded random bases), by full peft key. Loading a peft file checks the ones present
-        against these values and drops them; a method that writes them on export does so in `peft_state`.
-        """
-        return {}
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (not the base's), by local name."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .adapters import STATE_ATTR
 from .config import ConfigError
 from .inject import HEAD_NAMES, matches, plain_modules
 from .layer import AdapterLayer
@@ -43,15 +44,16 @@ def trainable_parameters(model: nn.Module) -> TrainableCount:
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
     """Optimizer parameter groups of the model's trainable parameters: one per learning rate.
 
-    Every parameter trains with `lr` unless its AdapterLayer's `learning_rates(lr)` names another
+    Every parameter trains with `lr` unless its adapter's `ModelAdapter.learning_rates(lr)` names another
     one (DePT's prompt and embedding update). A method that asks for nothing gives one group, the
     same as passing the trainable parameters themselves. peftkit's training loop uses this; in a
     plain loop: `torch.optim.AdamW(param_groups(model, lr=1e-3))`.
     """
     rates: dict[int, float] = {}
-    for layer in (m for m in model.modules() if isinstance(m, AdapterLayer)):
-        own = dict(layer.named_parameters())
-        rates.update({id(own[name]): value for name, value in layer.learning_rates(lr).items()})
+    found = getattr(model, STATE_ATTR, None)
+    for state in (found.states.values() if found is not None else ()):
+        if state.model_adapter is not None:
+            rates.update({id(p): value for p, value in state.model_adapter.learning_rates(lr).items()})
     groups: dict[float, list[nn.Parameter]] = {}
     seen: set[int] = set()
     for p in model.parameters():

@@ -7,6 +7,10 @@ Two kinds of method exist:
 * selection methods add no modules and only choose which existing parameters train:
   `@register_selection(HeadOnlyConfig)` on `select(model, cfg) -> list[str]` (parameter names).
 
+A module method whose layers also need the whole model (hooks on the root, tensors shared by its layers,
+roles read from the model) registers a `core.model_adapter.ModelAdapter` for the same config class with
+`@register_model_adapter(Config)`.
+
 A method may be both (DiffFit wraps the residual branches' last linear layers and trains every bias
 and norm): it registers a builder and a selector for the same config class. `apply` runs the
 selector after wrapping, so it sees the adapted model (`...o_proj.base.bias`); the selected
@@ -34,6 +38,8 @@ class Method:
     build: Callable[[nn.Module, Any, str], nn.Module | None] | None = None
     select: Callable[[nn.Module, Any], list[str]] | None = None
     calibrate: Callable[[nn.Module, Any, Any], AdapterConfig] | None = None
+    model_adapter: Callable[[Any], Any] | None = None
+    """Makes the adapter's whole-model part (`core.model_adapter.ModelAdapter`) from its config."""
 
 
 _METHODS: dict[str, Method] = {}
@@ -48,7 +54,8 @@ def _add(method: Method) -> None:
     if existing is not None:  # a builder, selector, calibration for one config: keep all (re-imports replace)
         method = Method(method.name, method.config_cls, build=method.build or existing.build,
                         select=method.select or existing.select,
-                        calibrate=method.calibrate or existing.calibrate)
+                        calibrate=method.calibrate or existing.calibrate,
+                        model_adapter=method.model_adapter or existing.model_adapter)
     _METHODS[method.name] = method
 
 
@@ -68,6 +75,17 @@ def register_selection(config_cls: type[AdapterConfig]) -> Callable:
     def decorator(select: Callable) -> Callable:
         _add(Method(config_cls.method, config_cls, select=select))
         return select
+
+    return decorator
+
+
+def register_model_adapter(config_cls: type[AdapterConfig]) -> Callable:
+    """Register a `ModelAdapter` subclass (or any `make(cfg) -> ModelAdapter`) as the whole-model part of
+    `config_cls.method`: `apply` attaches one per named adapter after building its layers."""
+
+    def decorator(make: Callable) -> Callable:
+        _add(Method(config_cls.method, config_cls, model_adapter=make))
+        return make
 
     return decorator
 
@@ -103,20 +121,3 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     if "method" not in data:
         raise ConfigError(f"config has no 'method' key; registered methods: {', '.join(sorted(_METHODS))}")
     return get_method(data["method"]).config_cls.from_dict(data)
-
-
-def config_for_peft(data: dict[str, Any]) -> type[AdapterConfig]:
-    """The config class that reads a Hugging Face peft `adapter_config.json` dict.
-
-    A config class opts in with the class variables `peft_type` (peft's name, e.g. "LORA") and,
-    when several classes share one peft type, `peft_variant`: adapter_config.json values that select
-    it (DoRA: `{"use_dora": True}`). The class whose variant matches with the most keys wins.
-    """
-    peft_type = data.get("peft_type")
-    candidates = [m.config_cls for m in _METHODS.values() if getattr(m.config_cls, "peft_type", None) == peft_type]
-    fitting = [c for c in candidates if all(data.get(k) == v for k, v in getattr(c, "peft_variant", {}).items())]
-    if not fitting:
-        known = sorted({t for m in _METHODS.values() if (t := getattr(m.config_cls, "peft_type", None))})
-        raise ConfigError(f"peftkit cannot read Hugging Face peft adapters of peft_type {peft_type!r}; "
-                          f"supported peft types: {', '.join(known)}")
-    return max(fitting, key=lambda c: len(getattr(c, "peft_variant", {})))

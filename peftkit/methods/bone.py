@@ -46,8 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import peft_format, weights
-from ..core.apply import get_state
+from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer, MergeError
 from ..core.registry import register
@@ -71,38 +70,6 @@ class BoneConfig(AdapterConfig):
     def validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ConfigError(f"Bone block size r must be a positive integer, got r={self.r!r}")
-
-    # --- Hugging Face peft interop: MiSS with init_weights="bat" ---
-    peft_type: ClassVar[str] = "MISS"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's MissConfig fields for this adapter on `model`, with exact module names."""
-        names = get_state(model).adapted
-        conv1d = [n for n in names if weights.layer_kind(get_state(model).layers[n]) != "linear"]
-        if conv1d:
-            raise ConfigError(f"peft's MiSS adapts nn.Linear only, not GPT-2 Conv1D "
-                              f"({', '.join(conv1d[:3])}); save this adapter with format='peftkit' (the default)")
-        return {
-            **peft_format.common_fields(model, self, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
-            "r": self.r, "init_weights": "bat", "miss_dropout": 0.0, "mini_r": 1, "bias": "none",
-            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> BoneConfig:
-        """The config for a peft MissConfig dict written with init_weights="bat"."""
-        # miss_dropout and mini_r do nothing in peft's "bat" forward, so any value reads the same
-        used = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-                "modules_to_save", "r", "init_weights", "miss_dropout", "mini_r")
-        peft_format.check_fields(data, cls, used, {"bias": "none"})
-        if data.get("init_weights", True) != "bat":
-            raise ConfigError(f"peftkit reads peft's MiSS only with init_weights='bat' (Bone), got "
-                              f"init_weights={data.get('init_weights', True)!r}; load this adapter with peft")
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
-                   r=data.get("r", 64))
 
 
 # --- the math, on plain tensors -----------------------------------------------------------------
@@ -156,6 +123,20 @@ class BlockAffineLinear(torch.autograd.Function):
         return dx, None, dbias, dblocks
 
 
+def block_affine_reference(x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None,
+                           blocks: torch.Tensor) -> torch.Tensor:
+    """y = x W^T + b0 with W_ij = W0_ij (I + b_i) + b_i (the paper's eq. for Bone), W formed by autograd.
+
+    w0 (d_out, d_in), blocks (d_out/r, r, r); one dtype for all tensors. What `BlockAffineLinear` computes.
+    """
+    n, r = blocks.shape[0], blocks.shape[-1]
+    d_out, d_in = w0.shape
+    w0_blocks = w0.reshape(n, r, d_in // r, r).transpose(1, 2)  # (n, d_in/r, r, r): [i, j] = W0_ij
+    eye = torch.eye(r, dtype=blocks.dtype, device=blocks.device)
+    w_blocks = w0_blocks @ (eye + blocks[:, None]) + blocks[:, None]  # W_ij = W0_ij (I + b_i) + b_i
+    return F.linear(x, w_blocks.transpose(1, 2).reshape(d_out, d_in), bias)
+
+
 def block_affine_linear(x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | None,
                         blocks: torch.Tensor) -> torch.Tensor:
     """The Bone forward; under autocast x is cast once and the product runs in the autocast dtype."""
@@ -169,8 +150,6 @@ def block_affine_linear(x: torch.Tensor, w0: torch.Tensor, bias: torch.Tensor | 
 # --- the layer ------------------------------------------------------------------------------------
 class BoneLinear(AdapterLayer):
     """Bone on nn.Linear and GPT-2 Conv1D: `bone_blocks` (d_out/r, r, r) is peft's `miss_block`."""
-
-    peft_names = {"bone_blocks": "miss_block"}
 
     def __init__(self, base: nn.Module, r: int, name: str = "") -> None:
         super().__init__(base)

@@ -43,7 +43,8 @@ from ..core import architectures, weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import layer_index
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
 
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -148,6 +149,13 @@ class BottleneckAdd(torch.autograd.Function):
         return grad, dh, d_down, d_down_bias, d_up, d_up_bias, None, None
 
 
+def bottleneck_reference(y: torch.Tensor, h: torch.Tensor | None, down: torch.Tensor, down_bias: torch.Tensor,
+                         up: torch.Tensor, up_bias: torch.Tensor, scaling: float, activation: str) -> torch.Tensor:
+    """y + s (U f(D h + b_D) + b_U) in plain autograd; h None means h = y (series). What `BottleneckAdd` computes."""
+    h = y if h is None else h
+    return y + scaling * F.linear(ACTIVATIONS[activation][0](F.linear(h, down, down_bias)), up, up_bias)
+
+
 def module_widths(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear layer, or of a block: its first linear's input, its last linear's output."""
     if weights.is_linear(module):
@@ -208,8 +216,13 @@ class BottleneckAdapter(AdapterLayer):
         kind = "parallel" if self.parallel else "series"
         return f"{kind}, m={self.adapter_down.shape[0]}, f={self.activation}, scaling={self.scaling:g}"
 
-    def on_attach(self, root: nn.Module) -> None:
-        check_targets_exist(root, self.cfg)
+@register_model_adapter(BottleneckConfig)
+class TargetCheck(ModelAdapter):
+    """Once per adapter: every target pattern the user wrote names something in the model."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        check_targets_exist(model, self.cfg)
 
 
 def check_targets_exist(root: nn.Module, cfg: BottleneckConfig) -> None:

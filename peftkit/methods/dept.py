@@ -20,7 +20,7 @@ position embeddings (GPT-2, BERT, OPT ...), `apply` refuses m + s beyond its pos
 prompt + tokens overrun them raises a ConfigError naming the lengths (soft_prompt.check_length).
 
 Two learning rates (the paper trains P and A, B with different ones): `prompt_lr` and
-`embedding_lr` (None: the training lr). The layer states them through `learning_rates`, which
+`embedding_lr` (None: the training lr). `DePTSplice.learning_rates` states them, which
 `peftkit.core.params.param_groups(model, lr)` turns into optimizer parameter groups; peftkit's
 training loop uses them by itself. Not mergeable (P lengthens the input; A B is per position, not
 per token, so it cannot fold into the vocabulary table). Hugging Face peft has no DePT.
@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.config import AdapterConfig, ConfigError
-from ..core.registry import register
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
-from .soft_prompt import SoftPromptLayer, init_rows
+from .soft_prompt import PromptSplice, SoftPromptLayer, init_rows
 
 
 @dataclass
@@ -146,10 +146,16 @@ class DePTEmbedding(SoftPromptLayer):
         m, s = self.num_virtual_tokens, self.lora_embedding_A.shape[0]
         return m + s, f"{m} virtual tokens + max_length {s} (inputs padded to max_length, as the reference does)"
 
-    def learning_rates(self, base_lr: float) -> dict[str, float]:
-        cfg = self.cfg
+
+
+@register_model_adapter(DePTConfig)
+class DePTSplice(PromptSplice):
+    """The soft prompt's hook, plus DePT's two learning rates: one for the prompt, one for A and B."""
+
+    def learning_rates(self, base_lr: float) -> dict[nn.Parameter, float]:
+        layer, cfg = self.only_layer(), self.cfg
         ab = cfg.embedding_lr or base_lr
-        return {"prompt": cfg.prompt_lr or base_lr, "lora_embedding_A": ab, "lora_embedding_B": ab}
+        return {layer.prompt: cfg.prompt_lr or base_lr, layer.lora_embedding_A: ab, layer.lora_embedding_B: ab}
 
 
 @register(DePTConfig)

@@ -63,14 +63,9 @@ class DoRAConfig(LoRAConfig):
     def validate(self) -> None:
         super().validate()
 
-    # Hugging Face peft: a LoraConfig with use_dora=True (to/from_peft_config are LoRA's)
-    peft_variant: ClassVar[dict] = {"use_dora": True}
-
 
 class DoRALinear(LoRALinear):
     """DoRA on nn.Linear and GPT-2 Conv1D."""
-
-    peft_names = {**LoRALinear.peft_names, "magnitude": "lora_magnitude_vector"}
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
         super().__init__(base, r, scaling, dropout, init)
@@ -238,6 +233,19 @@ class ScaleRows(torch.autograd.Function):
             d_scale = d_scale / scale
         d_direction = torch.mul(grad, scale, out=product) if wants_direction else None
         return d_direction, d_scale, None
+
+
+def scale_rows_reference(direction: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """direction * scale over the last dim: DoRA's m / ||W0 + s B A||_row applied to x (W0 + s B A)^T + ...,
+    out of place. What `ScaleRows` computes in place."""
+    return direction * scale
+
+
+def folded_dora_reference(x: torch.Tensor, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                          scale: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y = x W'^T with W' = scale (W0 + s B A) row-wise, W' formed by autograd (scale: DoRA's m / ||W0 + s B A||,
+    its norm detached by the caller as in the paper's section 4.3). What `FoldedDoRA` computes."""
+    return x @ (scale[:, None] * (w0 + scaling * b @ a)).T
 
 
 class FoldedDoRA(torch.autograd.Function):

@@ -114,8 +114,6 @@ class DSEEConfig(AdapterConfig):
 class DSEELinear(LoRALinear):
     """DSEE on nn.Linear and GPT-2 Conv1D: LoRA's low-rank path plus N sparse entries of S."""
 
-    peft_names: dict[str, str] = {}  # Hugging Face peft has no DSEE: no export
-
     def __init__(self, base: nn.Module, cfg: DSEEConfig) -> None:
         d_in, d_out = weights.in_out_features(base)
         _check_shape(cfg, d_in, d_out)
@@ -199,6 +197,14 @@ class SparseAdd(torch.autograd.Function):
             x_at = x.index_select(-1, cols).reshape(-1, n).to(values.dtype)  # (tokens, N)
             dv = (grad_at.reshape(-1, n).to(values.dtype) * x_at).sum(0).mul_(ctx.scaling)
         return grad, dx, dv, None, None, None
+
+
+def sparse_add_reference(y: torch.Tensor, x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor,
+                         cols: torch.Tensor, scaling: float) -> torch.Tensor:
+    """y + s x S^T with S (d_out, d_in) zero but S[rows[n], cols[n]] = values[n], S formed densely by autograd.
+    What `SparseAdd` adds into y in place (one dtype for all tensors)."""
+    dense = values.new_zeros(y.shape[-1], x.shape[-1]).index_put((rows, cols), values, accumulate=True)
+    return y + scaling * (x @ dense.T)
 
 
 # --- support selection: a table of functions (W0 (d_out, d_in) float, N, layer) -> N sorted flat indices ---

@@ -123,6 +123,12 @@ class BiasedLowRankAdd(torch.autograd.Function):
         return grad, dx, d_down, d_down_bias, d_up, d_up_bias, None, None
 
 
+def biased_low_rank_reference(y, x, down, down_bias, up, up_bias, scaling: float, p: float) -> torch.Tensor:
+    """y + s (B dropout(A x + a) + c) in plain autograd (one dtype). What `BiasedLowRankAdd` adds into y in
+    place; its dropout draws the same random numbers, so under one seed the two agree."""
+    return y + scaling * F.linear(F.dropout(F.linear(x, down, down_bias), p), up, up_bias)
+
+
 def add_biased_low_rank(y, x, down, down_bias, up, up_bias, scaling: float, p: float) -> torch.Tensor:
     """y + s (B dropout(A x + a) + c): in place when dtypes agree (or under autocast), else out of place."""
     device = x.device.type
@@ -207,7 +213,9 @@ class HydraLinear(AdapterLayer):
         f, s = self._factors(weight.dtype), self.scaling
         return weight + s * (f["Bp"] @ f["Ap"] + f["Bs"] @ (f["As"] @ weight))
 
-    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if bias is None:  # a bias-free base has bias-free branches: nothing to fold
+            return None
         f, s = self._factors(bias.dtype), self.scaling
         return bias + s * (f["Bs"] @ (f["As"] @ bias)) + self._bias_shift(f)
 

@@ -21,19 +21,18 @@ is scaled whole, as Hugging Face peft does; a peft export of a key/value-only ve
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..core import architectures, peft_format, weights
-from ..core.apply import get_state
+from ..core import architectures, weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import matches
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
 
 # Roles resolved per architecture (core/architectures.py): keys, values, and the feed-forward down projection.
@@ -63,39 +62,6 @@ class IA3Config(AdapterConfig):
             raise ConfigError("IA3Config needs targets (for example ['k_proj', 'v_proj', 'down_proj'], or the "
                               f"default roles {DEFAULT_TARGETS})")
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "IA3"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's IA3Config fields for this adapter on `model`, with exact module names."""
-        names = get_state(model).adapted
-        layers = {n: get_state(model).layers[n] for n in names}
-        feedforward = sorted(n for n, layer in layers.items() if layer.feedforward)
-        return {
-            **peft_format.common_fields(model, self, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
-            # peft tests feedforward modules with a bare `endswith`: exact names, as a regex when that is ambiguous
-            "feedforward_modules": (feedforward if not any(n.endswith(f) and n not in feedforward
-                                                           for n in names for f in feedforward)
-                                    else "|".join(re.escape(n) for n in feedforward)),
-            "fan_in_fan_out": any(weights.layer_kind(layer.base) == "conv1d" for layer in layers.values()),
-            "init_ia3_weights": True, "exclude_modules": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> IA3Config:
-        """The config for a peft IA3Config dict (`model` is not needed: module names carry over as they are)."""
-        used = ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save", "fan_in_fan_out",
-                "init_ia3_weights", "layers_to_transform", "layers_pattern")
-        peft_format.check_fields(data, cls, used, {})
-        ff = data.get("feedforward_modules") or []
-        # peft: a regex string is fullmatched, a list entry matches as a plain suffix (no dot boundary)
-        feedforward = ["re:" + ff] if isinstance(ff, str) else ["re:.*" + re.escape(f) for f in ff]
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
-                   feedforward=feedforward)
-
 
 class IA3Linear(AdapterLayer):
     """(IA)^3 on nn.Linear / GPT-2 Conv1D: `ia3_l` scales the output, or the input when feedforward.
@@ -103,8 +69,6 @@ class IA3Linear(AdapterLayer):
     On a fused q/k/v projection selected through roles, `ia3_l` holds the key/value rows only and
     `rows` (a buffer, not saved) places them in the output; the other rows keep scale 1.
     """
-
-    peft_names = {"ia3_l": "ia3_l"}
 
     def __init__(self, base: nn.Module, feedforward: bool, name: str = "", cfg: IA3Config | None = None) -> None:
         super().__init__(base)
@@ -118,7 +82,7 @@ class IA3Linear(AdapterLayer):
         shape = (1, d_in) if self.feedforward else (d_out if self.rows is None else len(self.rows), 1)
         self.ia3_l = nn.Parameter(torch.ones(shape, device=w.device, dtype=adapter_dtype(w)))
 
-    def on_attach(self, root: nn.Module) -> None:
+    def resolve_roles(self, root: nn.Module) -> None:
         """Resolve role patterns against the model: input scaling, or the key/value rows of a fused projection."""
         cfg = self.cfg
         if cfg is None:
@@ -159,15 +123,11 @@ class IA3Linear(AdapterLayer):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight / (self._shaped(weight.dtype) + 1e-8)
 
-    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.feedforward else bias * self.scale().to(bias.dtype)
+    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return bias if self.feedforward or bias is None else bias * self.scale().to(bias.dtype)
 
     def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias if self.feedforward else bias / (self.scale().to(bias.dtype) + 1e-8)
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        """peft scales a fused projection whole: the full (d_out, 1) vector, ones on the query rows."""
-        return {"ia3_l": self._shaped(self.ia3_l.dtype).detach()}
 
     def extra_repr(self) -> str:
         rows = "" if self.rows is None else f", rows={len(self.rows)} of {weights.in_out_features(self.base)[1]}"
@@ -178,6 +138,16 @@ def _listed(patterns: str | list[str] | None) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns or [])
 
 
+@register_model_adapter(IA3Config)
+class RoleResolution(ModelAdapter):
+    """Roles ("role:ffn", the key/value rows of a fused q/k/v) are known from the whole model only."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        for layer in layers.values():
+            layer.resolve_roles(model)
+
+
 def _role_hits(root: nn.Module, targets, role: str) -> set[str]:
     """Modules selected through `role:<role>` in `targets` (empty when that role is not listed)."""
     token = architectures.ROLE_PREFIX + role
@@ -186,7 +156,7 @@ def _role_hits(root: nn.Module, targets, role: str) -> set[str]:
 
 @register(IA3Config)
 def build(module: nn.Module, cfg: IA3Config, name: str) -> IA3Linear | None:
-    """Wrap linear layers; feed-forward targets get input scaling (role patterns are resolved in on_attach)."""
+    """Wrap linear layers; feed-forward targets get input scaling (role patterns are resolved by `RoleResolution`)."""
     if not weights.is_linear(module):
         return None
     plain = [p for p in cfg.feedforward if not architectures.is_role(p)]

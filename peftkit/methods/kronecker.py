@@ -28,7 +28,7 @@ Choices:
 * Scale. `alpha` multiplies the update (the reference's optional network_alpha, unused by default: 1).
 
 peft interop: a LoKr adapter (peft_type "LOKR") with undecomposed w1, w2 of these shapes is the same
-update with scaling alpha_peft / r_peft; this module reads such files (w1 -> A, w2 -> B) and exports to
+update with scaling alpha_peft / r_peft; peftkit reads such files (w1 -> A, w2 -> B) and exports to
 them when a single peft `decompose_factor` reproduces every layer's factor shapes (nn.Linear only: peft's
 LoKr has no GPT-2 Conv1D layer). peft decomposes w2 into two low-rank factors when r < max(b1, b2) / 2;
 such files do not fit a DiffuseKronA layer and are refused with the missing / unexpected keys.
@@ -43,8 +43,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..core import peft_format, weights
-from ..core.apply import get_state
+from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer
 from ..core.registry import register
@@ -101,57 +100,6 @@ class DiffuseKronAConfig(AdapterConfig):
         a2 = self.a2 if self.a2 is not None else factor_pair(d_in, self.factor)[0]
         return a1, a2
 
-    # --- Hugging Face peft interop: LoKr with full w1, w2 (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "LOKR"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's LoKrConfig for this adapter: a decompose_factor that gives every layer's shapes, an r at
-        which peft keeps w2 whole (r >= max(b1, b2) / 2) and alpha_peft = alpha * r (peft scales by alpha / r)."""
-        names = get_state(model).adapted
-        layers = [get_state(model).layers[n] for n in names]
-        if any(weights.layer_kind(layer.base) != "linear" for layer in layers):
-            raise ConfigError("peft's LoKr adapts nn.Linear but not GPT-2 Conv1D layers; save this adapter with "
-                              "format='peftkit'")
-        factor = _peft_factor(self, layers)
-        r = max(max(-(-max(layer.kron_B.shape) // 2), 1) for layer in layers)
-        return {
-            **peft_format.common_fields(model, self, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names), "exclude_modules": None,
-            "r": r, "alpha": self.alpha * r, "decompose_factor": factor, "decompose_both": False,
-            "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
-            "init_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-            "layers_to_transform": None, "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> DiffuseKronAConfig:
-        """The config for a peft LoKrConfig dict whose w1, w2 are whole (the factor shapes follow decompose_factor)."""
-        peft_format.check_fields(data, cls, PEFT_FIELDS, PEFT_INERT)
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
-                   factor=data.get("decompose_factor", -1), alpha=data.get("alpha", 8) / data.get("r", 8))
-
-
-PEFT_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-               "r", "alpha", "decompose_factor", "init_weights")
-"""peft LoKrConfig fields peftkit reads (init_weights only changes a fresh init)."""
-
-PEFT_INERT = {"rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "decompose_both": False,
-              "use_effective_conv2d": False, "rank_pattern": {}, "alpha_pattern": {}}
-"""peft LoKrConfig fields peftkit accepts only at their default (shown)."""
-
-
-def _peft_factor(cfg: DiffuseKronAConfig, layers: list[KroneckerLinear]) -> int:
-    """A peft decompose_factor under which `factorization` gives every layer's (a1, a2)."""
-    candidates = [cfg.factor] + ([cfg.a1] if cfg.a1 is not None and cfg.a1 == cfg.a2 else [])
-    for factor in candidates:
-        if all(factor_pair(layer.d_out, factor)[0] == layer.kron_A.shape[0]
-               and factor_pair(layer.d_in, factor)[0] == layer.kron_A.shape[1] for layer in layers):
-            return factor
-    raise ConfigError(f"no single peft decompose_factor gives these factor shapes (a1={cfg.a1}, a2={cfg.a2}); peft's "
-                      "LoKr can express a1 == a2, or shapes picked by `factor`. Save with format='peftkit'")
-
 
 class KronAdd(torch.autograd.Function):
     """y += s (A kron B) x, computed per token as s A X_t B^T and added into the base output y in place.
@@ -206,6 +154,12 @@ class KronAdd(torch.autograd.Function):
         return grad, dx, da, db, None
 
 
+def kron_reference(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """y + s (A kron B) x with the Kronecker product formed by autograd (one dtype). What `KronAdd` computes."""
+    return y + scaling * (x @ torch.kron(a, b).T)
+
+
 def add_kron(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """y + s (A kron B) x for a base output y (..., d_out) and input x (..., d_in)."""
     device = x.device.type
@@ -219,8 +173,6 @@ def add_kron(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 class KroneckerLinear(AdapterLayer):
     """DiffuseKronA on nn.Linear and GPT-2 Conv1D."""
-
-    peft_names = {"kron_A": "lokr_w1", "kron_B": "lokr_w2"}
 
     def __init__(self, base: nn.Module, a1: int, a2: int, alpha: float, name: str = "") -> None:
         super().__init__(base)

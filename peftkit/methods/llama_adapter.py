@@ -36,12 +36,11 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..core import peft_format, weights
-from ..core.apply import get_state
+from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
-from ..core.inject import plain_modules
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
 
 ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -72,30 +71,6 @@ class LlamaAdapterConfig(AdapterConfig):
             raise ConfigError(f"adapter_layers must be a positive integer or None (every layer), "
                               f"got {self.adapter_layers!r}")
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's AdaptionPromptConfig fields; peft selects the top L modules named `.<target_modules>`."""
-        common = peft_format.common_fields(model, self, self.peft_type)
-        if common.pop("modules_to_save"):
-            raise ConfigError("peft's adaption prompt has no modules_to_save; save with format='peftkit'")
-        adapted = get_state(model).adapted
-        attribute = adapted[0].rsplit(".", 1)[-1]
-        candidates = [n for n, _ in plain_modules(model) if n.endswith("." + attribute)]
-        if candidates[-len(adapted):] != adapted:
-            raise ConfigError(f"peft adapts the top {len(adapted)} modules named '{attribute}', not exactly "
-                              f"{adapted}; drop `layers`/`exclude` or save with format='peftkit'")
-        return {**common, "target_modules": attribute, "adapter_len": self.adapter_len,
-                "adapter_layers": len(adapted)}
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> LlamaAdapterConfig:
-        """The config for a peft AdaptionPromptConfig dict."""
-        peft_format.check_fields(data, cls, ("target_modules", "adapter_len", "adapter_layers"), {})
-        return cls(targets=data.get("target_modules") or "self_attn", adapter_len=data.get("adapter_len"),
-                   adapter_layers=data.get("adapter_layers"))
-
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the last dimension: the rotation of rotary position embeddings."""
@@ -108,7 +83,6 @@ class AdaptedAttention(AdapterLayer):
 
     mergeable = False
     routes_itself = True  # the o_proj hook weighs the prompt attention per sample
-    peft_names = {"adaption_prompt": "adaption_prompt", "adaption_gate": "adaption_gate"}
 
     def __init__(self, base: nn.Module, adapter_len: int) -> None:
         super().__init__(base)
@@ -120,7 +94,6 @@ class AdaptedAttention(AdapterLayer):
         self.adaption_gate = nn.Parameter(torch.zeros(1, **kw))
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # set only during adapted_forward
         self._query: torch.Tensor | None = None
-        self._hooks: list = []
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -143,15 +116,6 @@ class AdaptedAttention(AdapterLayer):
             return self.base(x, *args, **kwargs)
         finally:
             self._rope = self._query = None
-
-    def on_attach(self, root: nn.Module) -> None:
-        self._hooks = [self.base.q_proj.register_forward_hook(self._keep_query),
-                       self.base.o_proj.register_forward_pre_hook(self._add_prompt_attention)]
-
-    def on_detach(self, root: nn.Module) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
     def _keep_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._rope is not None:
@@ -186,6 +150,19 @@ class AdaptedAttention(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"adapter_len={self.adaption_prompt.shape[1]}"
+
+
+@register_model_adapter(LlamaAdapterConfig)
+class PromptAttentionHooks(ModelAdapter):
+    """Hooks on the projections inside each wrapped attention (modules the layer wraps but does not replace):
+    q_proj's output is kept, and o_proj's input gets the gated prompt attention added."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        for layer in layers.values():
+            attention = layer.plain_base
+            self.hook(attention.q_proj.register_forward_hook(layer._keep_query))
+            self.hook(attention.o_proj.register_forward_pre_hook(layer._add_prompt_attention))
 
 
 @register(LlamaAdapterConfig)

@@ -44,7 +44,8 @@ from ..core.calibration import batch_loss
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import layer_index
 from ..core.layer import AdapterLayer
-from ..core.registry import register, register_calibration
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_calibration, register_model_adapter
 from ..core.schedule import MethodSchedule, register_schedule
 from .lora import adapter_dtype
 
@@ -120,8 +121,6 @@ def _is_pair(value) -> bool:
 class LoFiTLayer(AdapterLayer):
     """LoFiT on one attention output projection (nn.Linear or GPT-2 Conv1D)."""
 
-    peft_names: dict[str, str] = {}  # Hugging Face peft has no LoFiT: no export
-
     def __init__(self, base: nn.Module, layer: int, heads: list[int] | None, cfg: LoFiTConfig) -> None:
         super().__init__(base)
         w = weights.get_weight(base)
@@ -129,10 +128,9 @@ class LoFiTLayer(AdapterLayer):
         self.layer, self.head_ids, self.init_std = layer, heads, cfg.init_std
         self.num_heads: int | None = cfg.num_heads
         self.head_dim: int | None = None
-        self.merge_adds_bias = heads is not None  # stage 2's W_o v folds into a bias
         if heads is None:
             self.lofit_scale = nn.Parameter(torch.zeros(w.shape[1], **self.kw))  # A, (H d_head)
-        else:  # v is (K_layer, d_head): created once the head count is known (`on_attach`)
+        else:  # v is (K_layer, d_head): created once the head count is known (`HeadGeometry`)
             self.lofit_offset = nn.Parameter(torch.zeros(len(heads), 0, **self.kw))
 
     @property
@@ -148,7 +146,7 @@ class LoFiTLayer(AdapterLayer):
             else:
                 self.lofit_scale.zero_()
 
-    def on_attach(self, root: nn.Module) -> None:
+    def learn_heads(self, root: nn.Module) -> None:
         """Learn the head geometry from the model (checking the configured heads against it)."""
         d_in = weights.get_weight(self.base).shape[1]
         heads = self.num_heads or model_head_count(root)
@@ -188,8 +186,11 @@ class LoFiTLayer(AdapterLayer):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight / (1 + self.lofit_scale.to(weight.dtype)) if self.stage == 1 else weight
 
-    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias + self.output_shift().to(bias.dtype) if self.stage == 2 else bias
+    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if self.stage == 1:
+            return bias
+        shift = self.output_shift().float()  # W_o v: a bias even where the base has none
+        return shift if bias is None else bias + shift.to(bias.dtype)
 
     def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias - self.output_shift().to(bias.dtype) if self.stage == 2 else bias
@@ -229,6 +230,16 @@ def _check_heads(root: nn.Module, num_heads: int) -> None:
         if block not in blocks:
             raise ConfigError(f"heads names layer {block}, but no attention output matched targets "
                               f"{state.config.targets} there (adapted layers: {sorted(blocks)})")
+
+
+@register_model_adapter(LoFiTConfig)
+class HeadGeometry(ModelAdapter):
+    """The head count and width come from the model: each layer learns them when the adapter attaches."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        for layer in layers.values():
+            layer.learn_heads(model)
 
 
 @register(LoFiTConfig)

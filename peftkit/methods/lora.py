@@ -30,7 +30,6 @@ layout: A zero, B normal), `nn.Conv2d` (LoRAConv2d: A is an r-channel conv, B a 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -38,8 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import peft_format, weights
-from ..core.apply import get_state
+from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import matches
 from ..core.layer import AdapterLayer
@@ -101,78 +99,6 @@ class LoRAConfig(AdapterConfig):
         r = self.rank_for(name)
         return self.alpha_for(name) / (math.sqrt(r) if self.rslora else r)
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "LORA"
-    peft_variant: ClassVar[dict] = {}
-    """adapter_config.json values that pick this class among those of the same peft_type (see registry)."""
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's LoraConfig fields for this adapter on `model`, with exact module names.
-
-        PiSSA/OLoRA are exported as a plain LoRA of the original base (see `LoRALayer.peft_state`):
-        rank 2r and the same scaling, i.e. alpha times 2 (sqrt(2) with rslora).
-        """
-        names = get_state(model).adapted
-        fold = INITS[self.init].changes_base
-        r_factor, a_factor = (2, math.sqrt(2) if self.rslora else 2) if fold else (1, 1)
-        kinds = {weights.layer_kind(get_state(model).layers[n]) for n in names}
-        return {
-            **peft_format.common_fields(model, self, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
-            "r": self.r * r_factor, "lora_alpha": self.alpha * a_factor,
-            "rank_pattern": peft_format.pattern_dict({n: self.rank_for(n) * r_factor for n in names},
-                                                     self.r * r_factor),
-            "alpha_pattern": peft_format.pattern_dict({n: self.alpha_for(n) * a_factor for n in names},
-                                                      self.alpha * a_factor),
-            "lora_dropout": self.dropout, "use_rslora": self.rslora,
-            "use_dora": self.peft_variant.get("use_dora", False),
-            "init_lora_weights": "gaussian" if self.init == "gaussian" else True,
-            "fan_in_fan_out": "conv1d" in kinds, "bias": "none", "lora_bias": False,
-            "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> LoRAConfig:
-        """The config for a peft LoraConfig dict (`model` is not needed: module names carry over as they are)."""
-        peft_format.check_fields(data, cls, PEFT_LORA_FIELDS, PEFT_LORA_INERT)
-        init = data.get("init_lora_weights", True)
-        if init not in PEFT_INITS:
-            raise ConfigError(
-                f"peftkit cannot load a peft LoRA with init_lora_weights={init!r} (supported: True, False, "
-                "'gaussian', 'pissa', 'olora'); if that init changed the base weights, convert the adapter to a "
-                "plain LoRA in peft: save_pretrained(..., path_initial_model_for_weight_conversion=...)")
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
-                   r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
-                   rslora=bool(data.get("use_rslora", False)), init=PEFT_INITS[init],
-                   rank_pattern=_peft_patterns(data.get("rank_pattern")),
-                   alpha_pattern=_peft_patterns(data.get("alpha_pattern")))
-
-
-PEFT_INITS = {True: "kaiming", False: "kaiming", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
-"""peft's init_lora_weights -> LoRAConfig.init (PiSSA with randomized SVD, "pissa_niter_k", is not exact)."""
-
-PEFT_LORA_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-                    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "rank_pattern",
-                    "alpha_pattern", "fan_in_fan_out", "megatron_core", "qalora_group_size")
-"""peft LoraConfig fields peftkit reads; fan_in_fan_out is implied by GPT-2 Conv1D (peft corrects it per layer
-as well), megatron_core and qalora_group_size matter only with their inert switches."""
-
-PEFT_LORA_INERT = {"bias": "none", "lora_bias": False, "use_qalora": False, "layer_replication": None,
-                   "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
-                   "megatron_config": None, "trainable_token_indices": None, "target_parameters": None,
-                   "alora_invocation_tokens": None, "arrow_config": None, "kasa_config": None,
-                   "monteclora_config": None, "velora_config": None, "use_bdlora": None,
-                   "ensure_weight_tying": False}
-"""peft LoraConfig fields peftkit accepts only at their default (shown): they change the model otherwise."""
-
-
-def _peft_patterns(patterns: dict | None) -> dict:
-    """peft's rank/alpha_pattern keys match `(.*\\.)?(key)$` as a regex; a plain word ("q_proj") means the
-    same in peftkit's syntax, anything else is carried over as that regex."""
-    return {k if re.fullmatch(r"\w+", k) else f"re:(.*\\.)?({k})": v for k, v in (patterns or {}).items()}
-
 
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     """Adapters train in float32 unless the base already is float64."""
@@ -181,8 +107,6 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
 
 class LoRALayer(AdapterLayer):
     """Shared LoRA bookkeeping: factors, scaling, dropout, inits, base-changing init buffers."""
-
-    peft_names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float, init: str,
                  a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> None:
@@ -233,15 +157,6 @@ class LoRALayer(AdapterLayer):
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, init={self.init}"
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        """peft's form; PiSSA/OLoRA fold into a rank-2r LoRA of the ORIGINAL base (peft does the same
-        with `path_initial_model_for_weight_conversion`): W0 + s [B, -B0] [A; A0] = (W0 - s B0 A0) + s B A."""
-        state = super().peft_state()
-        if hasattr(self, "lora_A0"):  # linear layers only: A (r, d_in), B (d_out, r)
-            state["lora_A"] = torch.cat([self.lora_A, self.lora_A0]).detach()
-            state["lora_B"] = torch.cat([self.lora_B, -self.lora_B0], dim=1).detach()
-        return state
-
 
 class LoRALinear(LoRALayer):
     """LoRA on nn.Linear and GPT-2 Conv1D."""
@@ -274,8 +189,6 @@ class LoRALinear(LoRALayer):
 
 class LoRAEmbedding(LoRALayer):
     """LoRA on nn.Embedding: delta = s (B A)^T with A (r, num_embeddings), B (dim, r)."""
-
-    peft_names = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
     def __init__(self, base: nn.Embedding, r: int, scaling: float, dropout: float, init: str) -> None:
         if INITS[init].changes_base:

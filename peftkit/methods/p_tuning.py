@@ -27,13 +27,10 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..core import peft_format
-from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.registry import register
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
-from .prompt_tuning import PromptTuningConfig
-from .soft_prompt import SoftPromptLayer, init_rows
+from .soft_prompt import PromptSplice, SoftPromptLayer, init_rows
 
 
 @dataclass
@@ -77,43 +74,9 @@ class PTuningConfig(AdapterConfig):
         if not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "P_TUNING"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's PromptEncoderConfig fields; the file holds the encoder's output (as peft's own files do)."""
-        common = peft_format.common_fields(model, self, self.peft_type)
-        if common["task_type"] is None:
-            raise ConfigError(f"peft's P-tuning needs a task type, and peftkit cannot tell it from "
-                              f"{type(model).__name__}; supported: model classes ending in "
-                              f"{', '.join(peft_format.TASK_TYPES)}")
-        config = getattr(model, "config", None)
-        (layer_name,) = get_state(model).adapted
-        width = get_state(model).layers[layer_name].inputs.shape[1]
-        return {**common, "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
-                "token_dim": width, "num_attention_heads": getattr(config, "num_attention_heads", None),
-                "num_layers": getattr(config, "num_hidden_layers", None),
-                "encoder_reparameterization_type": self.encoder.upper(),
-                "encoder_hidden_size": self.encoder_hidden or width, "encoder_num_layers": self.encoder_layers,
-                "encoder_dropout": self.encoder_dropout}
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> PromptTuningConfig:
-        """A peft P_TUNING file holds only the encoder's output: it is prompt tuning with that prompt."""
-        used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "modules_to_save",
-                "encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout")
-        peft_format.check_fields(data, cls, used, {"num_transformer_submodules": 1})
-        if data.get("task_type") == "SEQ_2_SEQ_LM":
-            raise ConfigError("peftkit's P-tuning prepends to one input sequence; peft's SEQ_2_SEQ_LM P-tuning "
-                              "is not supported")
-        return PromptTuningConfig(num_virtual_tokens=data.get("num_virtual_tokens"), init="random",
-                                  modules_to_save=peft_format.peft_saved_modules(data))
-
 
 class PromptEncoderLayer(SoftPromptLayer):
     """Holds the encoder's inputs E and the encoder on the input embeddings; P = encoder(E)."""
-
-    peft_names = {"prompt": "prompt_embeddings"}
 
     def __init__(self, base: nn.Embedding, cfg: PTuningConfig) -> None:
         super().__init__(base, cfg.num_virtual_tokens)
@@ -130,12 +93,6 @@ class PromptEncoderLayer(SoftPromptLayer):
             self.lstm = None
             self.head = nn.Sequential(nn.Linear(d, h, **kw), nn.ReLU(), nn.Linear(h, h, **kw), nn.ReLU(),
                                       nn.Linear(h, d, **kw))
-
-    def peft_key(self, module_name: str, local: str) -> str:
-        return "prompt_embeddings"  # peft stores prompt learning weights without a module path
-
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {"prompt": self.soft_prompt().detach()}  # peft saves the encoder's output, not the encoder
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -155,6 +112,9 @@ class PromptEncoderLayer(SoftPromptLayer):
         with torch.autocast(self.inputs.device.type, enabled=False):
             encoded = self.lstm(self.inputs.unsqueeze(0))[0][0]  # (1, n, 2h) -> (n, 2h)
         return self.head(encoded)  # (n, d)
+
+
+register_model_adapter(PTuningConfig)(PromptSplice)
 
 
 @register(PTuningConfig)

@@ -101,8 +101,6 @@ class PEGOConfig(AdapterConfig):
 class PEGOLinear(LoRALinear):
     """A PEGO group on nn.Linear or GPT-2 Conv1D, stored as one rank-N r LoRA (module i: rows i r..(i+1) r)."""
 
-    peft_names: dict[str, str] = {}  # Hugging Face peft has no PEGO: no export
-
     def __init__(self, base: nn.Module, cfg: PEGOConfig) -> None:
         d_in, d_out = weights.in_out_features(base)
         total = cfg.num_modules * cfg.r
@@ -162,6 +160,11 @@ class L1OfProducts(torch.autograd.Function):
     def backward(ctx, grad):
         grad_x, grad_y = ctx.saved_tensors
         return grad * grad_x, grad * grad_y, None
+
+
+def l1_of_products_reference(x_t: torch.Tensor, y_t: torch.Tensor) -> torch.Tensor:
+    """sum_t |X_t Y_t^T|_1 with every (m, n) product formed by autograd. What `L1OfProducts` computes."""
+    return torch.bmm(x_t.transpose(1, 2), y_t).abs().sum()
 
 
 def layer_penalty(layer: PEGOLinear, workspace: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,11 +40,11 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..core import peft_format
 from ..core.architectures import describe
 from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
 from .soft_prompt import (
     CACHE_KEYS,
@@ -99,40 +99,6 @@ class PrefixTuningConfig(AdapterConfig):
                                                    or self.projection_hidden < 1):
             raise ConfigError(f"projection_hidden must be a positive integer or None, got {self.projection_hidden!r}")
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's PrefixTuningConfig for this adapter: the computed prefixes, without the MLP.
-
-        peft itself saves only computed prefixes (its MLP is not in the file either); they are
-        written with prefix_projection=False so that peft can also load them for further training.
-        """
-        if not self.shift_positions:
-            raise ConfigError("peft numbers the real tokens after the prefix; export needs shift_positions=True")
-        common = peft_format.common_fields(model, self, self.peft_type)
-        if common["task_type"] is None:
-            raise ConfigError(f"peft's prefix tuning needs a task type, and peftkit cannot tell it from "
-                              f"{type(model).__name__}; supported: model classes ending in "
-                              f"{', '.join(peft_format.TASK_TYPES)}")
-        layers, heads, head_dim = kv_shape(model)
-        return {**common, "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
-                "token_dim": heads * head_dim, "num_attention_heads": heads, "num_layers": layers,
-                "encoder_hidden_size": heads * head_dim, "prefix_projection": False, "init_weights": None}
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> PrefixTuningConfig:
-        """The config for a peft PrefixTuningConfig dict; with prefix_projection the file holds the
-        computed prefixes (peft saves no MLP), so it loads as plain prefixes."""
-        used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size",
-                "prefix_projection", "init_weights", "modules_to_save")
-        peft_format.check_fields(data, cls, used, {"num_transformer_submodules": 1})
-        if data.get("task_type") == "SEQ_2_SEQ_LM":
-            raise ConfigError("peftkit's prefix tuning fills one self-attention cache; peft's SEQ_2_SEQ_LM prefixes "
-                              "(encoder and decoder) are not supported")
-        return cls(num_virtual_tokens=data.get("num_virtual_tokens"), init="random",
-                   modules_to_save=peft_format.peft_saved_modules(data))
-
 
 class PrefixLayer(AdapterLayer):
     """Holds every layer's prefixes on the input embeddings; a pre-hook puts them in the KV cache.
@@ -141,12 +107,11 @@ class PrefixLayer(AdapterLayer):
     name the adapter (`_inject_routed`).
 
     The prefix shapes depend on the whole model (layers, key/value heads), which `build` does not
-    see, so the parameters are made in `on_attach`; `reset_parameters` (run before it by `apply`)
+    see, so the parameters are made by `PrefixHooks.attach`; `reset_parameters` (run before it by `apply`)
     only marks them for initialisation there.
     """
 
     mergeable = False
-    peft_names = {"prefix": "prompt_embeddings"}
 
     def __init__(self, base: nn.Embedding, cfg: PrefixTuningConfig) -> None:
         super().__init__(base)
@@ -154,7 +119,6 @@ class PrefixLayer(AdapterLayer):
         self.num_virtual_tokens = cfg.num_virtual_tokens
         self.kv_shape: tuple[int, int, int] | None = None  # (layers, key/value heads, head size)
         self._init_pending = False
-        self._hooks: tuple = ()
         self._own_cache = None  # a cache made for a use_cache=False call: not returned
         self._backbone: tuple[nn.Module, ...] = ()  # the module that takes the cache (a tuple: not a child)
         self._arg_names: list[str] = []
@@ -164,9 +128,6 @@ class PrefixLayer(AdapterLayer):
         self._model = ""
 
     routes_itself = True
-
-    def peft_key(self, module_name: str, local: str) -> str:
-        return "prompt_embeddings"  # peft stores prompt learning weights without a module path
 
     # --- parameters -----------------------------------------------------------------------------
     def _make_parameters(self) -> None:
@@ -223,36 +184,10 @@ class PrefixLayer(AdapterLayer):
         flat = self.mlp(self.prefix_embedding) if self.cfg.projection else self.prefix
         return flat.view(self.num_virtual_tokens, 2 * self.kv_shape[0], *self.kv_shape[1:])
 
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        return {"prefix": self.prefix_states().detach().flatten(1)}  # peft's (n, 2 L d_kv) layout
-
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y  # the embedding itself is unchanged; the prefixes enter through the KV cache
 
-    # --- attaching to the model -----------------------------------------------------------------
-    def on_attach(self, root: nn.Module) -> None:
-        backbone = cache_taking_module(root)
-        check_fits(root, self.cfg)
-        self._limit, self._model = check_room(root, self.cfg.method, self.num_virtual_tokens,
-                                              self.num_virtual_tokens + 1)
-        self.kv_shape = kv_shape(root)
-        self._backbone = (backbone,)
-        self._arg_names = forward_arg_names(backbone)
-        self._cache_key = next(k for k in CACHE_KEYS if k in self._arg_names)
-        self._checkpointed = [m for m in root.modules() if hasattr(m, "gradient_checkpointing")]
-        if not hasattr(self, "prefix") and not hasattr(self, "mlp"):
-            self._make_parameters()
-        if self._init_pending:
-            self._initialise()
-        self._root_name_holder = (root,)  # a tuple: not registered as a submodule
-        self._hooks = (backbone.register_forward_pre_hook(self._inject, with_kwargs=True),
-                       backbone.register_forward_hook(self._drop_own_cache))
-
-    def on_detach(self, root: nn.Module) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = ()
-
+    # --- the call, with `PrefixHooks` installed ---------------------------------------------
     def _inject(self, backbone: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.enabled or not (self.is_active or self.routing()):
             return None
@@ -387,6 +322,33 @@ def check_fits(model: nn.Module, cfg: PrefixTuningConfig) -> None:
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         raise ConfigError("prefix tuning needs the KV cache, which transformers drops under gradient checkpointing; "
                           "call model.activation_checkpointing_disable() first")
+
+
+@register_model_adapter(PrefixTuningConfig)
+class PrefixHooks(ModelAdapter):
+    """Reads the model's geometry (layers, key/value heads, positions), makes the prefix parameters it decides,
+    and hooks the backbone: the prefixes go into the KV cache before each call, and a cache made for a
+    `use_cache=False` call is dropped after it."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        layer: PrefixLayer = self.only_layer()
+        backbone = cache_taking_module(model)
+        check_fits(model, self.cfg)
+        n = layer.num_virtual_tokens
+        layer._limit, layer._model = check_room(model, self.cfg.method, n, n + 1)
+        layer.kv_shape = kv_shape(model)
+        layer._backbone = (backbone,)
+        layer._arg_names = forward_arg_names(backbone)
+        layer._cache_key = next(k for k in CACHE_KEYS if k in layer._arg_names)
+        layer._checkpointed = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        layer._root_name_holder = (model,)  # a tuple: not registered as a submodule
+        if not hasattr(layer, "prefix") and not hasattr(layer, "mlp"):
+            layer._make_parameters()
+        if layer._init_pending:
+            layer._initialise()
+        self.hook(backbone.register_forward_pre_hook(layer._inject, with_kwargs=True))
+        self.hook(backbone.register_forward_hook(layer._drop_own_cache))
 
 
 @register(PrefixTuningConfig)

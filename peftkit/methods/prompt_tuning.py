@@ -22,12 +22,10 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..core import peft_format
-from ..core.apply import get_state
 from ..core.config import AdapterConfig, ConfigError
-from ..core.registry import register
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
-from .soft_prompt import SoftPromptLayer, init_rows
+from .soft_prompt import PromptSplice, SoftPromptLayer, init_rows
 
 
 @dataclass
@@ -64,53 +62,9 @@ class PromptTuningConfig(AdapterConfig):
         if self.init == "text" and not (self.init_text and self.tokenizer):
             raise ConfigError("init='text' needs init_text and tokenizer")
 
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's PromptTuningConfig fields for this adapter on `model`.
-
-        peft needs the task type to pick the model class that prepends the prompt; the init is
-        written as SAMPLE_VOCAB or RANDOM (a TEXT init would make peft download the tokenizer at
-        load time only to overwrite the result with the saved prompt).
-        """
-        common = peft_format.common_fields(model, self, self.peft_type)
-        if common["task_type"] is None:
-            raise ConfigError(f"peft's prompt tuning needs a task type, and peftkit cannot tell it from "
-                              f"{type(model).__name__}; supported: model classes ending in "
-                              f"{', '.join(peft_format.TASK_TYPES)}")
-        config = getattr(model, "config", None)
-        (layer_name,) = get_state(model).adapted
-        return {
-            **common, "num_virtual_tokens": self.num_virtual_tokens, "num_transformer_submodules": 1,
-            "token_dim": get_state(model).layers[layer_name].prompt.shape[1],
-            "num_attention_heads": getattr(config, "num_attention_heads", None),
-            "num_layers": getattr(config, "num_hidden_layers", None),
-            "prompt_tuning_init": "SAMPLE_VOCAB" if self.init == "vocab" else "RANDOM",
-            "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> PromptTuningConfig:
-        """The config for a peft PromptTuningConfig dict (decoder-only and encoder-only models)."""
-        used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "prompt_tuning_init",
-                "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "modules_to_save")
-        peft_format.check_fields(data, cls, used, {"num_transformer_submodules": 1})
-        if data.get("task_type") == "SEQ_2_SEQ_LM":
-            raise ConfigError("peftkit's prompt tuning prepends to one input sequence; peft's SEQ_2_SEQ_LM "
-                              "prompt tuning (encoder and decoder prompts) is not supported")
-        init = {"TEXT": "text", "SAMPLE_VOCAB": "vocab"}.get(data.get("prompt_tuning_init"), "random")
-        text, tokenizer = data.get("prompt_tuning_init_text") or "", data.get("tokenizer_name_or_path") or ""
-        if init == "text" and not (text and tokenizer):
-            init = "random"  # the weights come from the file; the init only matters for training from scratch
-        return cls(num_virtual_tokens=data.get("num_virtual_tokens"), init=init, init_text=text, tokenizer=tokenizer,
-                   modules_to_save=peft_format.peft_saved_modules(data))
-
 
 class PromptEmbedding(SoftPromptLayer):
     """Holds the soft prompt on the input embeddings; the model's pre-hook (soft_prompt.py) splices it in."""
-
-    peft_names = {"prompt": "prompt_embeddings"}
 
     def __init__(self, base: nn.Embedding, cfg: PromptTuningConfig) -> None:
         super().__init__(base, cfg.num_virtual_tokens)
@@ -118,9 +72,6 @@ class PromptEmbedding(SoftPromptLayer):
         w = base.weight
         self.prompt = nn.Parameter(torch.zeros(cfg.num_virtual_tokens, w.shape[1], device=w.device,
                                                dtype=adapter_dtype(w)))
-
-    def peft_key(self, module_name: str, local: str) -> str:
-        return "prompt_embeddings"  # peft stores prompt learning weights without a module path
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -130,6 +81,9 @@ class PromptEmbedding(SoftPromptLayer):
 
     def soft_prompt(self) -> torch.Tensor:
         return self.prompt
+
+
+register_model_adapter(PromptTuningConfig)(PromptSplice)
 
 
 @register(PromptTuningConfig)

@@ -45,11 +45,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import peft_format, weights
-from ..core.apply import get_state
+from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
 
 
@@ -87,43 +87,6 @@ class RandLoRAConfig(AdapterConfig):
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.bases not in BASES:
             raise ConfigError(f"unknown RandLoRA bases {self.bases!r}; choose one of {', '.join(BASES)}")
-
-    # --- Hugging Face peft interop (key names live in core/peft_format.py) ---
-    peft_type: ClassVar[str] = "RANDLORA"
-
-    def to_peft_config(self, model: nn.Module) -> dict:
-        """peft's RandLoraConfig fields for this adapter on `model`, with exact module names."""
-        names = get_state(model).adapted
-        kinds = {weights.layer_kind(get_state(model).layers[n]) for n in names}
-        return {
-            **peft_format.common_fields(model, self, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
-            "r": self.r, "randlora_alpha": self.alpha, "randlora_dropout": self.dropout,
-            "projection_prng_key": self.seed, "save_projection": True,
-            "sparse": self.bases == "sparse", "very_sparse": self.bases == "very_sparse",
-            "fan_in_fan_out": "conv1d" in kinds, "bias": "none", "init_weights": True,
-            "layers_to_transform": None, "layers_pattern": None,
-        }
-
-    @classmethod
-    def from_peft_config(cls, data: dict, model: nn.Module | None = None) -> RandLoRAConfig:
-        """The config for a peft RandLoraConfig dict (peft's very_sparse wins over sparse, as in peft)."""
-        peft_format.check_fields(data, cls, PEFT_FIELDS, {"bias": "none"})
-        bases = "very_sparse" if data.get("very_sparse") else "sparse" if data.get("sparse") else "dense"
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
-                   r=data.get("r", 32), alpha=data.get("randlora_alpha", 640),
-                   dropout=data.get("randlora_dropout", 0.0), seed=data.get("projection_prng_key", 0), bases=bases)
-
-
-PEFT_FIELDS = ("target_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "r", "randlora_alpha",
-               "randlora_dropout", "projection_prng_key", "save_projection", "sparse", "very_sparse",
-               "fan_in_fan_out", "init_weights")
-"""peft RandLoraConfig fields peftkit reads; fan_in_fan_out is implied by GPT-2 Conv1D, save_projection only
-says whether the file carries the bases (checked when present), init_weights only changes a fresh init."""
-
-SHARED_PEFT_KEYS = {"basis_A": "base_model.randlora_A", "basis_B": "base_model.randlora_B"}
-"""peft's keys of the model-wide bases (it also repeats them under every layer: `<module>.randlora_A`)."""
 
 
 # --- the shared random bases: drawn from the seed, never saved ---------------------------------
@@ -243,10 +206,15 @@ class RandLoRAFunction(torch.autograd.Function):
         return dx, dlam, dgam, dbias, None, None, None, None, None
 
 
-class RandLoRALinear(AdapterLayer):
-    """RandLoRA on nn.Linear and GPT-2 Conv1D; the bases arrive in `on_attach` (they depend on all layers)."""
+def randlora_reference(x, lam, gam, bias, w0, u, a, scaling: float, transposed: bool) -> torch.Tensor:
+    """y = x (W0 + s delta)^T + b, delta = B_flat A_flat (its transpose when d_in > d_out), formed by autograd
+    (one dtype for all tensors). What `RandLoRAFunction` computes."""
+    core = u @ scaled_rows(a, lam, gam)  # (d_max, d_min)
+    return F.linear(x, w0 + scaling * (core.t() if transposed else core), bias)
 
-    peft_names = {"randlora_lambda": "randlora_lambda", "randlora_gamma": "randlora_gamma"}
+
+class RandLoRALinear(AdapterLayer):
+    """RandLoRA on nn.Linear and GPT-2 Conv1D; the bases arrive from `SharedBases` (they depend on all layers)."""
 
     def __init__(self, base: nn.Module, cfg: RandLoRAConfig) -> None:
         super().__init__(base)
@@ -266,16 +234,6 @@ class RandLoRALinear(AdapterLayer):
         with torch.no_grad():
             self.randlora_lambda.zero_()
             self.randlora_gamma.fill_(1.0 / max(self.randlora_gamma.shape))
-
-    def on_attach(self, root: nn.Module) -> None:
-        """Draw the bases once for the whole model (sized for the largest adapted layer) and share them."""
-        if self.bases is not None:
-            return
-        layers = [m for m in get_state(root).layers.values() if isinstance(m, RandLoRALinear)]
-        bases = RandomBases(self.kind, self.seed, self.r, max(m.d_out for m in layers), max(m.d_in for m in layers),
-                            self.randlora_lambda.device)
-        for layer in layers:
-            layer.bases = bases
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's views of the shared bases: B_flat (d_max, N r) and A (r, d_min)."""
@@ -304,22 +262,22 @@ class RandLoRALinear(AdapterLayer):
                 return RandLoRAFunction.apply(x.to(torch.get_autocast_dtype(device)), *inputs)
         return RandLoRAFunction.apply(x, *inputs)
 
-    # --- Hugging Face peft: the bases are re-created, written once on export ---
-    def peft_state(self) -> dict[str, torch.Tensor]:
-        a, b = self.bases.tensors()
-        return {**super().peft_state(), "basis_A": a, "basis_B": b}
-
-    def peft_key(self, module_name: str, local: str) -> str:
-        return SHARED_PEFT_KEYS.get(local) or super().peft_key(module_name, local)
-
-    def peft_recreated(self, module_name: str) -> dict[str, torch.Tensor]:
-        a, b = self.bases.tensors()
-        prefix = f"base_model.model.{module_name}."
-        return {prefix + "randlora_A": a, prefix + "randlora_B": b,
-                SHARED_PEFT_KEYS["basis_A"]: a, SHARED_PEFT_KEYS["basis_B"]: b}
-
     def extra_repr(self) -> str:
         return f"r={self.r}, bases={self.num_bases}, scaling={self.scaling:g}"
+
+
+@register_model_adapter(RandLoRAConfig)
+class SharedBases(ModelAdapter):
+    """Draws the random bases once per adapter, sized for its largest layer, and gives every layer views of them."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        mine = list(layers.values())
+        first = mine[0]
+        bases = RandomBases(first.kind, first.seed, first.r, max(m.d_out for m in mine), max(m.d_in for m in mine),
+                            first.randlora_lambda.device)
+        for layer in mine:
+            layer.bases = bases
 
 
 @register(RandLoRAConfig)

@@ -8,8 +8,9 @@ working unchanged:
     attention_mask = [1_n ; mask],  labels = [-100_n ; labels],  token_type_ids = [0_n ; ids]
 
 `SoftPromptLayer` wraps the input embedding module (it owns the prompt's parameters, so adapter
-files name them under the embedding) and installs that hook; a method says how its prompt is made
-(`soft_prompt()`) and, for DePT, how the real tokens' embeddings change (`adjust_embeddings`).
+files name them under the embedding); `PromptSplice`, the adapter's `ModelAdapter`, installs that hook.
+A method says how its prompt is made (`soft_prompt()`) and, for DePT, how the real tokens' embeddings
+change (`adjust_embeddings`), and registers `PromptSplice` for its config.
 
 The helpers at the bottom (`call_keywords`, `cache_in`, `cache_length`, `pad_columns`, `init_rows`,
 `check_room`, `check_length`) are shared with prefix tuning, whose hook extends the KV cache instead of
@@ -32,6 +33,7 @@ import torch.nn as nn
 from ..core.architectures import describe, position_limit
 from ..core.config import ConfigError
 from ..core.layer import AdapterLayer
+from ..core.model_adapter import ModelAdapter
 
 CACHE_KEYS = ("cache", "past_key_values")
 """transformers 5 calls the KV cache `cache` (`past_key_values` is its deprecated alias)."""
@@ -46,10 +48,6 @@ class SoftPromptLayer(AdapterLayer):
     def __init__(self, base: nn.Module, num_virtual_tokens: int) -> None:
         super().__init__(base)
         self.num_virtual_tokens = num_virtual_tokens
-        self._hook = None
-        self._arg_names: list[str] = []
-        self._limit: tuple[int, bool] | None = None  # (positions, absolute) of the model
-        self._model = ""  # how errors name the model
 
     def mixed_batch_problem(self, root: nn.Module) -> str | None:
         if type(root).__name__.endswith(("ForCausalLM", "LMHeadModel")):
@@ -82,36 +80,38 @@ class SoftPromptLayer(AdapterLayer):
         prompt = self.soft_prompt().to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         return torch.cat([prompt, embeds], dim=1)
 
-    def on_attach(self, root: nn.Module) -> None:
-        method = getattr(getattr(self, "cfg", None), "method", type(self).__name__)
-        self._limit, self._model = check_room(root, method, self.num_virtual_tokens, *self.positions_needed())
-        self._arg_names = forward_arg_names(root)
-        self._hook = root.register_forward_pre_hook(self._rewrite_inputs, with_kwargs=True)
+class PromptSplice(ModelAdapter):
+    """The whole-model part of a soft prompt: a forward pre-hook on the model rewrites each call's keywords
+    (prompt in front of the embeddings, mask, labels, positions); the prompt itself is the layer's."""
 
-    def on_detach(self, root: nn.Module) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        self.layer: SoftPromptLayer = self.only_layer()
+        self._limit, self._model = check_room(model, self.cfg.method, self.layer.num_virtual_tokens,
+                                              *self.layer.positions_needed())
+        self._arg_names = forward_arg_names(model)
+        self.hook(model.register_forward_pre_hook(self._rewrite_inputs, with_kwargs=True))
 
     def _rewrite_inputs(self, root: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.enabled or not (self.is_active or self.routing()):
+        layer = self.layer
+        if not layer.enabled or not (layer.is_active or layer.routing()):
             return None
         kwargs = call_keywords(self._arg_names, args, kwargs)
-        if self.routing():
+        if layer.routing():
             return self._rewrite_routed(root, kwargs)
-        n = self.num_virtual_tokens
+        n = layer.num_virtual_tokens
         past = cache_in(kwargs)
         past_length = cache_length(past)
         first_step = past_length == 0  # later steps (generate with a cache) find the prompt in the cache
         ids = kwargs.pop("input_ids", None)
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
-            embeds = self.base(ids)
-        method = getattr(getattr(self, "cfg", None), "method", type(self).__name__)
+            embeds = layer.base(ids)
+        method = self.cfg.method
         check_length(self._limit, self._model, method, n, past_length, embeds.shape[1], prompt_in_past=not first_step)
-        embeds = self.adjust_embeddings(embeds, max(past_length - n, 0))
+        embeds = layer.adjust_embeddings(embeds, max(past_length - n, 0))
         batch = embeds.shape[0]
-        kwargs["inputs_embeds"] = self.prepend(embeds) if first_step else embeds
+        kwargs["inputs_embeds"] = layer.prepend(embeds) if first_step else embeds
         if first_step:
             pad_columns(kwargs, "labels", n, -100, batch)
             pad_columns(kwargs, "token_type_ids", n, 0, batch)
@@ -123,13 +123,13 @@ class SoftPromptLayer(AdapterLayer):
             kwargs["cache_position"] = torch.cat([torch.arange(n, device=pos.device), pos]) if first_step else pos
         return (), kwargs
 
-
     def _rewrite_routed(self, root: nn.Module, kwargs: dict) -> tuple[tuple, dict]:
         """A mixed-adapter call: every sample gets n columns in front; the prompt (and DePT's embedding update)
         where the sample names this adapter, a masked-out zero column elsewhere. Each sample's positions are
         passed explicitly, numbered as if it ran alone, so its real tokens' outputs are those of running it
         alone (with its own prompt, or none); they are the last columns of the output for every sample."""
-        n, method = self.num_virtual_tokens, getattr(getattr(self, "cfg", None), "method", type(self).__name__)
+        layer = self.layer
+        n, method = layer.num_virtual_tokens, self.cfg.method
         cache = cache_in(kwargs)
         past_length = cache_length(cache)
         first_step = past_length == 0
@@ -139,24 +139,24 @@ class SoftPromptLayer(AdapterLayer):
         past_real = past_length - sum(prompts.values()) if not first_step else 0
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
-            embeds = self.base(kwargs.pop("input_ids"))
+            embeds = layer.base(kwargs.pop("input_ids"))
         kwargs.pop("input_ids", None)
         batch = embeds.shape[0]
-        on = samples_on(self, batch, embeds.device, method)
-        placed = self.router.scratch.get("prompt_columns", 0) if first_step else 0  # other prompts' columns
+        on = samples_on(layer, batch, embeds.device, method)
+        placed = layer.router.scratch.get("prompt_columns", 0) if first_step else 0  # other prompts' columns
         real = embeds[:, placed:]
         check_length(self._limit, self._model, method, n, past_real, real.shape[1], prompt_in_past=not first_step)
-        real = torch.where(on.view(-1, 1, 1), self.adjust_embeddings(real, past_real), real)
+        real = torch.where(on.view(-1, 1, 1), layer.adjust_embeddings(real, past_real), real)
         mask = kwargs.get("attention_mask")
         if mask is None:  # generate drops an all-ones mask; the prompt columns need one
             mask = torch.ones(batch, past_real + real.shape[1], dtype=torch.long, device=embeds.device)
         if first_step:
-            prompt = self.soft_prompt().to(embeds.dtype).unsqueeze(0) * on.view(-1, 1, 1).to(embeds.dtype)
+            prompt = layer.soft_prompt().to(embeds.dtype).unsqueeze(0) * on.view(-1, 1, 1).to(embeds.dtype)
             embeds = torch.cat([prompt, embeds[:, :placed], real], dim=1)
             pad_columns(kwargs, "labels", n, -100, batch)
             pad_columns(kwargs, "token_type_ids", n, 0, batch)
-            self.router.scratch["prompt_columns"] = placed + n
-            prompts[self.adapter_name] = n
+            layer.router.scratch["prompt_columns"] = placed + n
+            prompts[layer.adapter_name] = n
         else:
             embeds = real
         kwargs["inputs_embeds"] = embeds

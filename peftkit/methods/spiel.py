@@ -114,8 +114,6 @@ class SpIELConfig(AdapterConfig):
 class SpIELLinear(AdapterLayer):
     """A sparse delta on nn.Linear or GPT-2 Conv1D: k flat indices (buffer) and k values (Parameter)."""
 
-    peft_names: dict[str, str] = {}  # Hugging Face peft has no sparse fine-tuning: no export
-
     def __init__(self, base: nn.Module, density: float, name: str = "") -> None:
         super().__init__(base)
         w = weights.get_weight(base)
@@ -150,8 +148,8 @@ class SpIELLinear(AdapterLayer):
         if torch.is_autocast_enabled(device):  # cast once here; the Function runs with explicit dtypes
             with torch.autocast(device, enabled=False):
                 x = x.to(torch.get_autocast_dtype(device))
-                return SparseDeltaLinear.apply(x, self.sparse_values, self.sparse_index, self)
-        return SparseDeltaLinear.apply(x, self.sparse_values, self.sparse_index, self)
+                return SparseDeltaLinear.apply(x, self.sparse_values, self.sparse_index, self.bias, self)
+        return SparseDeltaLinear.apply(x, self.sparse_values, self.sparse_index, self.bias, self)
 
     def summed_weight(self, values: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """W0 + scatter(η, values) as a fresh dense (d_out, d_in) tensor in `dtype` (rounded once)."""
@@ -212,13 +210,17 @@ class SpIELLinear(AdapterLayer):
 
 
 class SparseDeltaLinear(torch.autograd.Function):
-    """y = x (W0 + scatter(η, values))^T + b, saving x, values and η only (no weight-sized tensor)."""
+    """y = x (W0 + scatter(η, values))^T + b, saving x, values and η only (no weight-sized tensor).
+
+    b is an input (the base's own bias Parameter), so a bias trained alongside (BitFit) gets its gradient.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, layer: SpIELLinear):
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: torch.Tensor | None,
+                layer: SpIELLinear):
         ctx.layer = layer
         ctx.save_for_backward(x, values, index)
-        bias = weights.get_bias(layer.base)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return F.linear(x, layer.summed_weight(values, index, x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
@@ -226,12 +228,22 @@ class SparseDeltaLinear(torch.autograd.Function):
         x, values, index = ctx.saved_tensors
         layer: SpIELLinear = ctx.layer
         g2 = grad.reshape(-1, grad.shape[-1])  # (tokens, d_out)
-        dx = dv = None
+        dx = dv = dbias = None
         if ctx.needs_input_grad[0]:
             dx = (g2 @ layer.summed_weight(values, index, grad.dtype)).view(x.shape)
         if ctx.needs_input_grad[1]:
             dv = layer.values_gradient(g2, x.reshape(-1, x.shape[-1]), index).to(values.dtype)
-        return dx, dv, None, None
+        if ctx.needs_input_grad[3]:
+            dbias = g2.sum(0).to(ctx.bias_dtype)
+        return dx, dv, None, dbias, None
+
+
+def sparse_delta_reference(x: torch.Tensor, values: torch.Tensor, index: torch.Tensor, w0: torch.Tensor,
+                           bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x (W0 + scatter(η, values))^T + b with the summed weight formed by autograd (one dtype).
+    What `SparseDeltaLinear` computes for a layer whose base holds w0 and bias."""
+    delta = values.new_zeros(w0.numel()).index_put((index,), values).view(w0.shape)
+    return F.linear(x, w0 + delta, bias)
 
 
 def random_subset(numel: int, k: int, device: torch.device | str | None = None) -> torch.Tensor:

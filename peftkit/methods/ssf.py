@@ -138,6 +138,11 @@ class ScaleShift(torch.autograd.Function):
         return d_y, d_scale, d_shift
 
 
+def scale_shift_reference(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """γ ⊙ y + β over the last dimension, out of place (one dtype). What `ScaleShift` computes in place."""
+    return y * scale if shift is None else y * scale + shift
+
+
 KINDS: dict[str, tuple[int, int]] = {
     "linear": (-1, 0), "conv1d": (-1, 0), "norm": (-1, 0), "conv2d": (-3, 0), "embedding": (-1, 1),
 }
@@ -225,7 +230,9 @@ class SSFLayer(AdapterLayer):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight / self._scale_like(weight)
 
-    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        if bias is None:  # no shift here: merged_weight refused a shift on a bias-free module
+            return None
         out = bias * self.scale.to(bias.dtype)
         return out if self.shift is None else out + self.shift.to(bias.dtype)
 

@@ -32,7 +32,7 @@ How the method takes over the model's forward (no wrapper around the user's mode
   Disabling the adapter turns both off: blocks and head are the base model's again.
 
 The bound of the query init needs the patch size and the new head needs the old head's shape; both
-sit outside the block container, so the initialisation finishes in `on_attach`.
+sit outside the block container, so the initialisation finishes in `HeadReplacement.attach`.
 
 Structure (found by module names, as in timm): blocks with `norm1`, `attn.qkv` (a linear of width 3d,
 q | k | v, heads of d / heads), `attn.proj`, `norm2`, `mlp`, and x + attn(norm1(x)), x + mlp(norm2(x));
@@ -61,7 +61,8 @@ from ..core import weights
 from ..core.config import AdapterConfig, ConfigError
 from ..core.inject import get_module, plain_modules
 from ..core.layer import AdapterLayer
-from ..core.registry import register
+from ..core.model_adapter import ModelAdapter
+from ..core.registry import register, register_model_adapter
 from .lora import adapter_dtype
 
 BLOCK_PARTS = ("norm1", "attn", "attn.qkv", "attn.proj", "norm2", "mlp")
@@ -153,48 +154,21 @@ class VQTBlocks(AdapterLayer):
                                                 device=w.device))  # (L, T, d)
         self.query_dropout = nn.Dropout(cfg.dropout)
         self.head_name, self.normalize, self.patch_size = cfg.head, cfg.normalize_features, cfg.patch_size
-        self.classifier: nn.Linear | None = None  # made in on_attach: its shape needs the model's head
+        self.classifier: nn.Linear | None = None  # made by `HeadReplacement`: its shape needs the model's head
         self.summaries: list[torch.Tensor] | None = None
         """The last forward's per-block summaries, L x (b, T, d); the head hook takes (and clears) them."""
-        self._hook = None
         self._init_pending = False
 
-    # --- initialisation (finishes in on_attach) ----------------------------------------------
+    # --- initialisation (finishes in `HeadReplacement.attach`) ----------------------------------------------
     def reset_parameters(self) -> None:
         if self.classifier is None:
-            self._init_pending = True  # the bound needs the patch size: on_attach finishes it
+            self._init_pending = True  # the bound needs the patch size: attach finishes it
             return
         with torch.no_grad():
             bound = math.sqrt(6.0 / (3 * self.patch_size**2 + self.dim))
             self.queries.uniform_(-bound, bound)
             nn.init.trunc_normal_(self.classifier.weight, std=0.02)
             nn.init.zeros_(self.classifier.bias)
-
-    def on_attach(self, root: nn.Module) -> None:
-        stacked = [m.adapter_name for m in root.modules() if isinstance(m, VQTBlocks) and m is not self
-                   and m.adapter_name != self.adapter_name]
-        if stacked:
-            raise ConfigError(f"VQT replaces the head's logits, and adapter {stacked[0]!r} is a VQT already: two VQT "
-                              "adapters cannot share a model; delete it first (peftkit.delete)")
-        others = [n for n, m in plain_modules(root) if isinstance(m, VQTBlocks) and m is not self]
-        if others:
-            raise ConfigError(f"VQT targets matched several block containers ({others} and this one); name one")
-        head = _find_head(root, self.head_name)
-        self.patch_size = self.patch_size or _patch_size(root)
-        d_head, classes = weights.in_out_features(head)
-        features = d_head + self.queries.shape[0] * self.queries.shape[1] * self.dim
-        q = self.queries
-        self.classifier = nn.Linear(features, classes, device=q.device, dtype=q.dtype).train(self.training)
-        self._hook = head.register_forward_hook(self._replace_logits)
-        if self._init_pending:
-            self._init_pending = False
-            self.reset_parameters()
-
-    def on_detach(self, root: nn.Module) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self.summaries = None
 
     # --- forward ----------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -294,6 +268,39 @@ def _patch_size(root: nn.Module) -> int:
         if (name == "patch_embed.proj" or name.endswith(".patch_embed.proj")) and isinstance(module, nn.Conv2d):
             return int(module.kernel_size[0])
     raise ConfigError("VQT found no patch_embed.proj Conv2d to read the patch size from; set VQTConfig.patch_size")
+
+
+@register_model_adapter(VQTConfig)
+class HeadReplacement(ModelAdapter):
+    """Finds the model's head, makes the classifier over [CLS; summaries] (its shape needs the head) and hooks
+    the head so that its logits are replaced; one VQT adapter per model."""
+
+    def attach(self, model: nn.Module, layers: dict) -> None:
+        super().attach(model, layers)
+        blocks = self.only_layer()
+        stacked = [m.adapter_name for m in model.modules() if isinstance(m, VQTBlocks) and m is not blocks
+                   and m.adapter_name != blocks.adapter_name]
+        if stacked:
+            raise ConfigError(f"VQT replaces the head's logits, and adapter {stacked[0]!r} is a VQT already: two VQT "
+                              "adapters cannot share a model; delete it first (peftkit.delete)")
+        others = [n for n, m in plain_modules(model) if isinstance(m, VQTBlocks) and m is not blocks]
+        if others:
+            raise ConfigError(f"VQT targets matched several block containers ({others} and this one); name one")
+        head = _find_head(model, blocks.head_name)
+        blocks.patch_size = blocks.patch_size or _patch_size(model)
+        d_head, classes = weights.in_out_features(head)
+        q = blocks.queries
+        features = d_head + q.shape[0] * q.shape[1] * blocks.dim
+        blocks.classifier = nn.Linear(features, classes, device=q.device, dtype=q.dtype).train(blocks.training)
+        self.hook(head.register_forward_hook(blocks._replace_logits))
+        if blocks._init_pending:
+            blocks._init_pending = False
+            blocks.reset_parameters()
+
+    def detach(self, model: nn.Module) -> None:
+        super().detach(model)
+        for blocks in self.layers.values():
+            blocks.summaries = None
 
 
 @register(VQTConfig)
