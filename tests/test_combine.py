@@ -292,3 +292,17 @@ def test_combine_and_compress_read_peft_lora_directories(tmp_path):
         assert all(torch.equal(from_peft[k], from_ours[k]) for k in from_ours)
     _, _, small = peftkit.compress(peft_dirs[0], density=0.1)
     assert small.keys() == peftkit.compress(ours[0], density=0.1)[2].keys()
+
+
+def test_peft_directories_that_need_their_model_are_refused_with_what_to_do(tmp_path):
+    """DoRA's magnitude and an (IA)^3 vector depend on the base; such peft files are read with their model only."""
+    import peft
+
+    from tiny_models import tiny_llama
+
+    configs = {"dora": peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True),
+               "ia3": peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])}
+    for name, cfg in configs.items():
+        peft.get_peft_model(tiny_llama(), cfg).save_pretrained(tmp_path / name)
+        with pytest.raises(peftkit.AdapterFileError, match="read with its base model only"):
+            peftkit.compress(tmp_path / name, density=0.1)

@@ -117,6 +117,12 @@ class PeftConverter:
         own = dict(layer.named_parameters()) | dict(layer.named_buffers())
         return {local: own[local].detach() for local in self.names(layer)}
 
+    def values_without_model(self, data: dict[str, Any], tensors: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor] | None:
+        """peftkit's `<module>.<local>` keys for a peft file's tensors (keys without peft's prefix), when the
+        peft names alone say which module and tensor each is; None (the default) when that needs the model."""
+        return None
+
     def recreated(self, layer: AdapterLayer, module_name: str) -> dict[str, torch.Tensor]:
         """Tensors by full peft key that a peft file may hold for this layer and peftkit re-creates rather
         than loads (RandLoRA's seeded bases): loading checks the ones present against these and drops them."""
@@ -318,33 +324,22 @@ def read_peft(directory: Path) -> tuple[AdapterConfig, Callable[[nn.Module], dic
     return cfg, lambda model: from_peft_keys(model, tensors, prefix)
 
 
-PEFT_LORA_SUFFIXES = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
-                      "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
-
-
-def read_peft_lora_values(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
-    """(config, meta, tensors) of a peft LoRA directory without a model, as `io.read_adapter` gives for peftkit's
-    (for `combine` and `compress`): LoRA's keys map by name alone. Other peft types need the model: load them
-    (`peftkit.load`) and save with peftkit first."""
+def read_peft_values(directory: Path) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
+    """(config, meta, tensors) of a peft adapter directory without a model, as `io.read_adapter` gives for
+    peftkit's (for `combine` and `compress`), where the type's converter can name the tensors by key alone
+    (`PeftConverter.values_without_model`: plain LoRA). Other adapters need the model: load them
+    (`peftkit.load`) and save them with peftkit first."""
     directory = Path(directory)
     data = read_json(directory / CONFIG_FILE)
-    if data.get("peft_type") != "LORA" or data.get("use_dora") or str(data.get("init_lora_weights")).lower() in (
-            "pissa", "olora"):
-        raise AdapterFileError(f"{directory}: only plain peft LoRA adapters are read without their model (this one is "
-                               f"{data.get('peft_type')}); load it into its base with peftkit.load and save it with "
-                               "peftkit.save first")
     cfg = _peft_config(directory / CONFIG_FILE, data)
     raw, _, _ = read_safetensors(directory / WEIGHTS_FILE)
     check_finite(directory / WEIGHTS_FILE, raw)
-    tensors: dict[str, torch.Tensor] = {}
-    prefix = saved_module_prefix("LORA")
-    for key, value in raw.items():
-        body = key[len(prefix):] if key.startswith(prefix) else key
-        suffix = next((s for s in PEFT_LORA_SUFFIXES if body.endswith("." + s)), None)
-        if suffix is None:
-            raise AdapterFileError(f"{directory}: tensor {key} is not a LoRA factor (modules_to_save, a trained bias "
-                                   "...); load the adapter into its base with peftkit.load and save it with peftkit")
-        tensors[body[: -len(suffix) - 1] + "." + PEFT_LORA_SUFFIXES[suffix]] = value
+    prefix = saved_module_prefix(str(data.get("peft_type")))
+    body = {(key[len(prefix):] if key.startswith(prefix) else key): value for key, value in raw.items()}
+    tensors = converter_for_peft(data).values_without_model(data, body)
+    if tensors is None:
+        raise AdapterFileError(f"{directory}: a {data.get('peft_type')} adapter like this one is read with its base "
+                               "model only; load it with peftkit.load and save it with peftkit.save first")
     meta = {"base_model": data.get("base_model_name_or_path"), "base_fingerprint": {}}
     return cfg, meta, tensors
 

@@ -90,9 +90,9 @@ def combine(adapters: Sequence, weights: Sequence[float], how: str = "linear", *
 def read_values(directory: str | os.PathLike) -> Adapter:
     """An adapter directory as a value: peftkit's, or a plain LoRA that Hugging Face peft saved."""
     if adapter_format(directory) == "peft":
-        from ..core.peft_format import read_peft_lora_values
+        from ..core.peft_format import read_peft_values
 
-        return read_peft_lora_values(directory)
+        return read_peft_values(directory)
     return read_adapter(directory)
 
 

@@ -96,6 +96,21 @@ class LoRAConverter(peft_format.PeftConverter):
     def names(self, layer: AdapterLayer) -> dict[str, str]:
         return self.embedding_tensors if isinstance(layer, LoRAEmbedding) else self.tensors
 
+    def values_without_model(self, data: dict[str, Any], tensors: dict[str, torch.Tensor]
+                             ) -> dict[str, torch.Tensor] | None:
+        """A plain LoRA names its factors by key alone (`<module>.lora_A.weight`, `<module>.lora_embedding_A`);
+        DoRA, PiSSA/OLoRA and files with other tensors (modules_to_save, a trained bias) need the model."""
+        if self.variant or str(data.get("init_lora_weights")).lower() in ("pissa", "olora"):
+            return None
+        suffixes = {peft: local for table in (self.tensors, self.embedding_tensors) for local, peft in table.items()}
+        out = {}
+        for key, value in tensors.items():
+            suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+            if suffix is None:
+                return None
+            out[key[: -len(suffix) - 1] + "." + suffixes[suffix]] = value
+        return out
+
     def export(self, layer: AdapterLayer) -> dict[str, torch.Tensor]:
         """PiSSA/OLoRA fold into a rank-2r LoRA of the original base (module docstring)."""
         state = super().export(layer)
