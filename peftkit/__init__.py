@@ -17,6 +17,7 @@ from .core.calibration import calibrate  # noqa: E402
 from .core.config import AdapterConfig, ConfigError  # noqa: E402
 from .core.io import AdapterFileError, load, load_weights, save  # noqa: E402
 from .core.layer import AdapterLayer, MergeError  # noqa: E402
+from .core.model_adapter import ModelAdapter  # noqa: E402
 from .core.params import param_groups, print_summary, trainable_parameters  # noqa: E402
 from .core.registry import config_from_dict, get_method, registered_methods  # noqa: E402
 from .core.routing import BASE, mixed_batch  # noqa: E402
@@ -50,14 +51,17 @@ from .methods.ssf import SSFConfig  # noqa: E402
 from .methods.svfit import SVFitConfig  # noqa: E402
 from .methods.triadaptlora import TriAdaptLoRAConfig  # noqa: E402
 from .methods.vqt import VQTConfig  # noqa: E402
+from .optim import GaLoreAdamW, MeZO, galore_param_groups  # noqa: E402
 from .schedules import rank_budget_methods  # noqa: F401,E402  (importing schedules registers them all)
+from .schedules.ist import IST  # noqa: E402
+from .schedules.lisa import LISA  # noqa: E402
 
 __all__ = [
     "AdaLoRAConfig", "AdapterConfig", "AdapterFileError", "AdapterLayer", "BitFitConfig", "BoneConfig",
     "BottleneckConfig", "ConfigError", "DSEEConfig", "DePTConfig", "DiffFitConfig", "DiffuseKronAConfig",
     "DoRAConfig", "FullFineTuneConfig", "HeadOnlyConfig", "HydraConfig", "IA3Config", "IncreLoRAConfig",
     "LNTuningConfig", "LlamaAdapterConfig", "LoFiTConfig", "LoLDUConfig", "LoRAConfig", "MergeError",
-    "MethodSchedule", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
+    "MethodSchedule", "ModelAdapter", "GaLoreAdamW", "MeZO", "LISA", "IST", "galore_param_groups", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
     "RandLoRAConfig", "SPTConfig", "SSFConfig", "SVFitConfig", "SpIELConfig", "TriAdaptLoRAConfig",
     "BASE", "VQTConfig", "active_adapters", "adapters", "apply", "delete", "mixed_batch", "set_active", "calibrate", "combine", "compress", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
     "merge", "param_groups", "print_summary", "registered_methods", "save", "schedule_for",
