@@ -9,5 +9,6 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .ist import IST  # noqa: E402  (the training schedules a user constructs by hand)
 from .lisa import LISA  # noqa: E402
+from .mgpo import MGPO  # noqa: E402
 
-__all__ = ["IST", "LISA"]
+__all__ = ["IST", "LISA", "MGPO"]

@@ -118,8 +118,9 @@ class TrainConfig:
     schedule: str | None = None
     """What trains when: None (everything trainable, every step), "lisa" (full fine-tuning of
     lisa_gamma random transformer blocks plus embeddings and head; method full only: LISA,
-    arXiv:2403.17919) or "ist" (the per-layer adapters of ist_num_update blocks per step, drawn by a
-    learned importance score: IST, arXiv:2410.11772)."""
+    arXiv:2403.17919), "ist" (the per-layer adapters of ist_num_update blocks per step, drawn by a
+    learned importance score: IST, arXiv:2410.11772) or "mgpo" (LoRA's forward/backward at a
+    momentum-guided perturbation of the frozen weight: LoRA-MGPO, arXiv:2502.14538)."""
 
     lisa_gamma: int = 2
     """LISA: γ, transformer blocks that train at a time."""
@@ -133,6 +134,12 @@ class TrainConfig:
     ist_update_interval: int = 10
     """IST: steps between two updates of the block scores, each from 3 eval-mode losses on the first
     evaluation batch; 0 never updates them (uniform sampling, no evaluation data needed)."""
+
+    mgpo_rho: float = 0.05
+    """LoRA-MGPO: ρ, the perturbation radius (0 is plain LoRA; the paper: 0.05 NLU, 0.01 NLG)."""
+
+    mgpo_beta: float = 0.9
+    """LoRA-MGPO: β, the decay of each layer's gradient-norm EMA (the paper: 0.9 NLU, 0.8 NLG)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.output_dir, os.PathLike):
@@ -180,7 +187,7 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("adamw", "galore", "mezo")
-SCHEDULES = (None, "lisa", "ist")
+SCHEDULES = (None, "lisa", "ist", "mgpo")
 
 
 def _training_method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
@@ -188,13 +195,15 @@ def _training_method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
     mezo = cfg.optimizer == "mezo"
     return [
         (cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}"),
-        (cfg.schedule in SCHEDULES, f"schedule must be null, 'lisa' or 'ist', got {cfg.schedule!r}"),
+        (cfg.schedule in SCHEDULES, f"schedule must be null, 'lisa', 'ist' or 'mgpo', got {cfg.schedule!r}"),
         (min(cfg.galore_rank, cfg.galore_update_gap, cfg.lisa_gamma, cfg.lisa_period) >= 1,
          "galore_rank, galore_update_gap, lisa_gamma and lisa_period must be >= 1"),
         (cfg.mezo_eps > 0 and 0 <= cfg.mezo_sparsity < 1,
          f"mezo_eps must be > 0 and mezo_sparsity in [0, 1), got {cfg.mezo_eps} and {cfg.mezo_sparsity}"),
         ((cfg.ist_num_update is None or cfg.ist_num_update >= 1) and cfg.ist_update_interval >= 0,
          "ist_num_update must be >= 1 or None and ist_update_interval >= 0"),
+        (math.isfinite(cfg.mgpo_rho) and cfg.mgpo_rho >= 0 and 0 <= cfg.mgpo_beta < 1,
+         f"mgpo_rho must be finite and >= 0 and mgpo_beta in [0, 1), got {cfg.mgpo_rho} and {cfg.mgpo_beta}"),
         (not cfg.decay_to_init or cfg.optimizer == "adamw",
          f"decay_to_init is AdamR, an AdamW variant; it does not combine with optimizer={cfg.optimizer!r}"),
         # MeZO forms no gradient: clipping one has no meaning, and a set value would be silently ignored
@@ -202,6 +211,6 @@ def _training_method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
          f"optimizer=mezo forms no gradient, so max_grad_norm={cfg.max_grad_norm} would clip nothing; leave it "
          "at its default or set 0"),
         # MeZO perturbs every parameter it holds, trainable this step or not: a moving subset cannot work
-        (not (mezo and cfg.schedule), f"schedule={cfg.schedule!r} trains a moving subset through gradients and "
+        (not (mezo and cfg.schedule), f"schedule={cfg.schedule!r} works through gradients and "
          "optimizer state; optimizer=mezo perturbs every parameter it holds. Use adamw or galore with it"),
     ]

@@ -5,6 +5,7 @@
                mezo    MeZO: θ ± εz, two forward passes per step, no backward (`mezo_update`)
     schedule:  lisa    LISA over the blocks of a fully fine-tuned model (method full)
                ist     IST over the per-layer adapters of the model's blocks
+               mgpo    LoRA-MGPO: each step at a momentum-guided perturbation of the LoRA layers' bases
 
 A training schedule is a `MethodSchedule` whose `step(step, optimizer)` runs after the backward pass
 and the cross-rank gradient average, before clipping and `optimizer.step()` (LISA's and IST's
@@ -32,6 +33,7 @@ from ..optim.galore import GaLoreAdamW, galore_param_groups
 from ..optim.mezo import MeZO
 from ..schedules.ist import IST
 from ..schedules.lisa import LISA
+from ..schedules.mgpo import MGPO
 from .config import TrainConfig
 from .distributed import Dist
 from .evaluation import autocast_for, loss_of, to_device
@@ -83,10 +85,10 @@ def run_schedules(model: nn.Module, callbacks, total: int, optimizer, cfg: Train
     Call after the optimizer is built (it must hold the blocks LISA freezes). A method schedule
     (AdaLoRA's budget ...) works on gradients, so it is refused with MeZO, which forms none.
     """
-    handmade = [type(cb).__name__ for cb in callbacks if isinstance(cb, LISA | IST)]
+    handmade = [type(cb).__name__ for cb in callbacks if isinstance(cb, LISA | IST | MGPO)]
     if handmade:
         raise ConfigError(f"{handmade[0]} came in callbacks; the loop builds its training schedule from "
-                          "cfg.schedule (schedule='lisa' or 'ist' with their lisa_*/ist_* fields), so that it is "
+                          "cfg.schedule (schedule='lisa', 'ist' or 'mgpo' with their lisa_*/ist_*/mgpo_* fields), so that it is "
                           "built over the optimizer's parameters and checkpointed")
     method_schedule = next((cb for cb in callbacks if isinstance(cb, MethodSchedule)), None)
     if method_schedule is None:
@@ -94,13 +96,15 @@ def run_schedules(model: nn.Module, callbacks, total: int, optimizer, cfg: Train
     if method_schedule is not None and isinstance(optimizer, MeZO):
         raise ConfigError(f"the adapter's method has a per-step schedule ({type(method_schedule).__name__}) that "
                           "reads gradients, and optimizer=mezo computes none; use adamw or galore with this method")
-    training = build_training_schedule(model, cfg, *eval_data_and_collate, run)
+    training = build_training_schedule(model, cfg, *eval_data_and_collate, run, optimizer)
     return {"method_schedule": method_schedule, "training_schedule": training}
 
 
 def build_training_schedule(model: nn.Module, cfg: TrainConfig, eval_data, collate_fn: Callable,
-                            run: Dist) -> MethodSchedule | None:
-    """LISA or IST as cfg.schedule names (None for no schedule); clear errors for what cannot work."""
+                            run: Dist, optimizer: torch.optim.Optimizer | None = None) -> MethodSchedule | None:
+    """LISA, IST or MGPO as cfg.schedule names (None for no schedule); clear errors for what cannot work."""
+    if cfg.schedule == "mgpo":  # reads the optimizer's momentum from the first perturbed step on (also when resumed)
+        return MGPO(model, optimizer, rho=cfg.mgpo_rho, beta=cfg.mgpo_beta)
     if cfg.schedule == "lisa":
         method = get_state(model).config.method
         if method != "full":
