@@ -29,14 +29,17 @@ Choices of peftkit:
 
 * ε never lands in a parameter: a forward hook on each LoRA layer adds ε_l x (no bias) to its output.
   ε_l = -ρ c s/(‖v‖+δ) U V has rank <= 2r (U = [m_B, B], V = [A; m_A]), so it is kept and applied
-  factored, F.linear(F.linear(x, V), k U) with k the scalar in front, and ‖U V‖_F comes from the
-  2r x 2r Gram matrices: no d_out x d_in tensor is formed. U and V are detached copies: no gradient
+  factored, added into the layer's output by LoRA's own kernel (`lowrank.add_low_rank` with factors V,
+  kU, k the scalar in front; it saves only (tokens, 2r) more), and ‖U V‖_F comes from the 2r x 2r Gram
+  matrices: no d_out x d_in tensor is formed. U and V are detached copies: no gradient
   reaches A or B through ε (as with the authors' no-grad weight write), dL/dx does see it.
 * ε_l is made lazily, at the layer's first training forward after `step()`, from the optimizer state
   then current (so after `optimizer.step()`), and reused for every micro-batch of the step. ḡ_l is
   updated once per optimizer step from the accumulated gradient (the authors' trainer updates it per
   micro-batch). Forwards in eval mode, under no_grad, or with the adapter off or merged see no ε.
 * ρ = 0 registers no hook and touches nothing: plain LoRA, bit for bit.
+* The step's loss (what a loop logs) is the one at W0 + ε; ε points down the momentum, so it reads lower
+  than the unperturbed model's loss. Evaluate in eval mode for the model itself.
 
 Use (peftkit's loop: `schedule: mgpo`, fields mgpo_rho / mgpo_beta; or a plain loop):
 
@@ -55,12 +58,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.config import ConfigError
 from ..core.layer import AdapterLayer, adapter_layers
 from ..core.schedule import MethodSchedule
 from ..methods.lora import LoRALayer, LoRALinear
+from ..methods.lowrank import add_low_rank
 from .lisa import optimizer_check
 
 DELTA = 1e-12
@@ -148,7 +151,7 @@ class MGPO(MethodSchedule):
             if factors is None:
                 return None
             v, ku = factors  # (2r, d_in), (d_out, 2r)
-            return output + F.linear(F.linear(args[0].to(v.dtype), v), ku).to(output.dtype)  # + ε x
+            return add_low_rank(output, args[0], v, ku, 1.0)  # + ε x = kU (V x), in place where dtypes allow
 
         return add_perturbation
 
