@@ -275,3 +275,22 @@ def test_state_of_other_layers_and_bad_train_fields_are_refused(tmp_path):
         TrainConfig(output_dir=str(tmp_path), schedule="mgpo", optimizer="mezo")
     with pytest.raises(ConfigError, match="schedule must be null, 'lisa', 'ist' or 'mgpo'"):
         TrainConfig(output_dir=str(tmp_path), schedule="ggpo")
+
+
+def test_no_perturbation_with_the_adapter_off_and_a_bf16_base_trains():
+    model = lora_mlp()
+    optimizer, mgpo = train_steps(model, batches(2), rho=0.5)
+    x = batches(1, seed=9)[0][0]
+    with peftkit.disabled(model):
+        assert torch.equal(model(x), model.eval()(x))  # the base model, exactly
+    model.train()
+    assert not torch.equal(model(x), model.eval()(x))  # while training with the adapter on: ε acts
+    mgpo.remove()
+    assert torch.equal(model.train()(x), model.eval()(x))
+    half = lora_mlp()
+    for name, p in half.named_parameters():
+        if "lora" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    _, mgpo = train_steps(half, [(x.to(torch.bfloat16), y.to(torch.bfloat16)) for x, y in batches(3)], rho=0.05)
+    assert all(math.isfinite(float(g)) for g in mgpo.gbar.values()) and all(
+        torch.isfinite(p).all() for p in trainable(half))
