@@ -1,4 +1,4 @@
-"""LoRA-MGPO: momentum-guided perturbation of the frozen weight (Chang et al., arXiv:2502.14538 v2/v3,
+"""LoRA-MGPO: momentum-guided perturbation of the frozen weight (arXiv:2502.14538 v2/v3,
 EMNLP 2025 Findings), peftkit's answer to LoRA-GGPO (methods.md §7.5).
 
 Which paper: arXiv 2502.14538 v1 was titled LoRA-GGPO (gradient-guided perturbation), but its method
