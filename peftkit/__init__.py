@@ -55,13 +55,14 @@ from .optim import GaLoreAdamW, MeZO, galore_param_groups  # noqa: E402
 from .schedules import rank_budget_methods  # noqa: F401,E402  (importing schedules registers them all)
 from .schedules.ist import IST  # noqa: E402
 from .schedules.lisa import LISA  # noqa: E402
+from .schedules.mgpo import MGPO  # noqa: E402
 
 __all__ = [
     "AdaLoRAConfig", "AdapterConfig", "AdapterFileError", "AdapterLayer", "BitFitConfig", "BoneConfig",
     "BottleneckConfig", "ConfigError", "DSEEConfig", "DePTConfig", "DiffFitConfig", "DiffuseKronAConfig",
     "DoRAConfig", "FullFineTuneConfig", "HeadOnlyConfig", "HydraConfig", "IA3Config", "IncreLoRAConfig",
     "LNTuningConfig", "LlamaAdapterConfig", "LoFiTConfig", "LoLDUConfig", "LoRAConfig", "MergeError",
-    "MethodSchedule", "ModelAdapter", "GaLoreAdamW", "MeZO", "LISA", "IST", "galore_param_groups", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
+    "MethodSchedule", "ModelAdapter", "GaLoreAdamW", "MeZO", "LISA", "IST", "MGPO", "galore_param_groups", "PEGOConfig", "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig",
     "RandLoRAConfig", "SPTConfig", "SSFConfig", "SVFitConfig", "SpIELConfig", "TriAdaptLoRAConfig",
     "BASE", "VQTConfig", "active_adapters", "adapters", "apply", "delete", "mixed_batch", "set_active", "calibrate", "combine", "compress", "config_from_dict", "disabled", "get_method", "has_adapter", "load", "load_weights",
     "merge", "param_groups", "print_summary", "registered_methods", "save", "schedule_for",

@@ -196,6 +196,9 @@ def test_resume_refuses_another_optimizer_or_schedule_and_reads_checkpoints_from
         run("galore", tmp_path / "b", resume=tmp_path / "a" / "checkpoint-000004", galore_rank=3)
     with pytest.raises(CheckpointError, match="optimizer: 'galore' then, 'adamw' now"):
         run("galore", tmp_path / "c", resume=tmp_path / "a" / "checkpoint-000004", optimizer="adamw")
+    from peftkit.train.resume import TRAINING_METHOD_FIELDS  # every optimizer's and schedule's setting
+
+    assert {"mezo_sparsity", "lisa_period", "ist_update_interval", "mgpo_rho", "mgpo_beta"} <= set(TRAINING_METHOD_FIELDS)
     # an AdamW checkpoint written before these fields existed resumes as adamw without a schedule
     cfg = toy_config(tmp_path / "old", max_steps=4, save_every=4, eval_every=0)
     train(lora_classifier(), toy_data(32), None, cfg, stack)

@@ -26,16 +26,17 @@ from ..core.apply import get_state
 from ..core.config import ConfigError
 from ..core.fingerprint import same_record
 from .checkpoint import Checkpoint, CheckpointError, find_resumable, load_checkpoint, read_checkpoint
-from .config import TrainConfig
+from .config import OPTIMIZERS, SCHEDULES, TrainConfig
 from .distributed import Dist
 
 SCHEDULE_FIELDS = ("lr", "max_steps", "epochs", "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm")
 """TrainConfig fields a resumed run may change: it continues under the new values, with a warning."""
 
-TRAINING_METHOD_FIELDS = ("optimizer", "galore_rank", "galore_update_gap", "galore_scale", "galore_natural", "mezo_eps",
-                          "mezo_sparsity", "schedule", "lisa_gamma", "lisa_period", "ist_num_update",
-                          "ist_update_interval")
-"""TrainConfig fields a resumed run must keep (a checkpoint without them was written with their defaults)."""
+TRAINING_METHOD_FIELDS = ("optimizer", "schedule", *(f.name for f in dataclasses.fields(TrainConfig)
+                                                     if f.name.split("_")[0] in {*OPTIMIZERS, *SCHEDULES} - {None}))
+"""TrainConfig fields a resumed run must keep: the optimizer, the schedule and every setting named after one
+(`galore_rank`, `mgpo_rho` ...), so a new one's settings are covered without a list to extend (a checkpoint
+without them was written with their defaults)."""
 
 
 def data_key(cfg: TrainConfig, run: Dist, n: int) -> dict:
