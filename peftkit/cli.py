@@ -83,7 +83,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def method_table() -> str:
     """The README's method table, generated from the registry."""
     import peftkit
-    from peftkit.core.peft_format import peft_converter
+    from peftkit.core.peft_convert import peft_converter
 
     lines = ["| method | config | paper | trainable parameters | Hugging Face peft type (both directions) |",
              "| --- | --- | --- | --- | --- |"]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...core import peft_format, weights
+from ...core import peft_convert, weights
 from ...core.apply import get_state
 from ...core.layer import AdapterLayer
 from ..adalora import AdaLoRAConfig, AdaLoRALinear
@@ -28,7 +28,7 @@ PEFT_ADALORA_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform
 (its scale is lora_alpha / init_r) and refuse use_dora; init_lora_weights only matters before training."""
 
 
-class AdaLoRAConverter(peft_format.PeftConverter):
+class AdaLoRAConverter(peft_convert.PeftConverter):
     """AdaLoRAConfig <-> peft AdaLoraConfig; P, lambda, Q are `lora_A`, `lora_E`, `lora_B`."""
 
     peft_type = "ADALORA"
@@ -43,8 +43,8 @@ class AdaLoRAConverter(peft_format.PeftConverter):
         pruned = any(not all(flags) for flags in pattern.values())
         kinds = {weights.layer_kind(layer.base) for layer in layers.values()}
         return {
-            **peft_format.common_fields(model, cfg, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
+            **peft_convert.common_fields(model, cfg, self.peft_type),
+            "target_modules": peft_convert.target_modules(model, names),
             "init_r": cfg.init_r, "target_r": cfg.target_r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
             "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.delta_t, "beta1": cfg.beta1,
             "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
@@ -58,14 +58,14 @@ class AdaLoRAConverter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> AdaLoRAConfig:
         """The config for a peft AdaLoraConfig dict (module names carry over as they are)."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, PEFT_ADALORA_FIELDS, PEFT_LORA_INERT)
+        peft_convert.check_fields(data, cls, PEFT_ADALORA_FIELDS, PEFT_LORA_INERT)
         alpha = data.get("lora_alpha", 8)
         init_r = data.get("init_r", 12)
         pattern = {re.sub(r"\.lora_E(\.[^.]+)?$", "", k): [bool(f) for f in v]
                    for k, v in (data.get("rank_pattern") or {}).items()}
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+        return cls(targets=peft_convert.peft_targets(data.get("target_modules")),
+                   exclude=peft_convert.peft_targets(data.get("exclude_modules")),
+                   layers=peft_convert.peft_layers(data), modules_to_save=peft_convert.peft_saved_modules(data),
                    init_r=init_r, target_r=min(data.get("target_r", 8), init_r),
                    alpha=alpha if alpha > 0 else float(init_r),  # peft: scaling = lora_alpha or r
                    dropout=data.get("lora_dropout", 0.0), tinit=data.get("tinit", 0), tfinal=data.get("tfinal", 0),
@@ -88,4 +88,4 @@ def rank_pattern(layer: AdaLoRALinear) -> list[bool]:
     return flags
 
 
-ADALORA = peft_format.register_peft(AdaLoRAConverter())
+ADALORA = peft_convert.register_peft(AdaLoRAConverter())

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch.nn as nn
 
-from ...core import peft_format
+from ...core import peft_convert
 from ...core.apply import get_state
 from ...core.config import ConfigError
 from ...core.inject import plain_modules
 from ..llama_adapter import LlamaAdapterConfig
 
 
-class AdaptionPromptConverter(peft_format.PeftConverter):
+class AdaptionPromptConverter(peft_convert.PeftConverter):
     """LlamaAdapterConfig <-> peft AdaptionPromptConfig."""
 
     peft_type = "ADAPTION_PROMPT"
@@ -26,7 +26,7 @@ class AdaptionPromptConverter(peft_format.PeftConverter):
 
     def to_peft(self, cfg: LlamaAdapterConfig, model: nn.Module) -> dict[str, Any]:
         """peft's AdaptionPromptConfig fields; peft selects the top L modules named `.<target_modules>`."""
-        common = peft_format.common_fields(model, cfg, self.peft_type)
+        common = peft_convert.common_fields(model, cfg, self.peft_type)
         if common.pop("modules_to_save"):
             raise ConfigError("peft's adaption prompt has no modules_to_save; save with format='peftkit'")
         adapted = get_state(model).adapted
@@ -41,9 +41,9 @@ class AdaptionPromptConverter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> LlamaAdapterConfig:
         """The config for a peft AdaptionPromptConfig dict."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, ("target_modules", "adapter_len", "adapter_layers"), {})
+        peft_convert.check_fields(data, cls, ("target_modules", "adapter_len", "adapter_layers"), {})
         return cls(targets=data.get("target_modules") or "self_attn", adapter_len=data.get("adapter_len"),
                    adapter_layers=data.get("adapter_layers"))
 
 
-ADAPTION_PROMPT = peft_format.register_peft(AdaptionPromptConverter())
+ADAPTION_PROMPT = peft_convert.register_peft(AdaptionPromptConverter())

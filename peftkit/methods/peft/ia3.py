@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...core import peft_format, weights
+from ...core import peft_convert, weights
 from ...core.apply import get_state
 from ...core.layer import AdapterLayer
 from ..ia3 import IA3Config
@@ -22,7 +22,7 @@ PEFT_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "modu
 """peft IA3Config fields peftkit reads."""
 
 
-class IA3Converter(peft_format.PeftConverter):
+class IA3Converter(peft_convert.PeftConverter):
     """IA3Config <-> peft IA3Config."""
 
     peft_type = "IA3"
@@ -35,8 +35,8 @@ class IA3Converter(peft_format.PeftConverter):
         layers = {n: get_state(model).layers[n] for n in names}
         feedforward = sorted(n for n, layer in layers.items() if layer.feedforward)
         return {
-            **peft_format.common_fields(model, cfg, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
+            **peft_convert.common_fields(model, cfg, self.peft_type),
+            "target_modules": peft_convert.target_modules(model, names),
             # peft tests feedforward modules with a bare `endswith`: exact names, as a regex when that is ambiguous
             "feedforward_modules": (feedforward if not any(n.endswith(f) and n not in feedforward
                                                            for n in names for f in feedforward)
@@ -48,13 +48,13 @@ class IA3Converter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> IA3Config:
         """The config for a peft IA3Config dict (`model` is not needed: module names carry over as they are)."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, PEFT_FIELDS, {})
+        peft_convert.check_fields(data, cls, PEFT_FIELDS, {})
         ff = data.get("feedforward_modules") or []
         # peft: a regex string is fullmatched, a list entry matches as a plain suffix (no dot boundary)
         feedforward = ["re:" + ff] if isinstance(ff, str) else ["re:.*" + re.escape(f) for f in ff]
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+        return cls(targets=peft_convert.peft_targets(data.get("target_modules")),
+                   exclude=peft_convert.peft_targets(data.get("exclude_modules")),
+                   layers=peft_convert.peft_layers(data), modules_to_save=peft_convert.peft_saved_modules(data),
                    feedforward=feedforward)
 
     def export(self, layer: AdapterLayer) -> dict[str, torch.Tensor]:
@@ -63,4 +63,4 @@ class IA3Converter(peft_format.PeftConverter):
         return {"ia3_l": scale[None] if layer.feedforward else scale[:, None]}
 
 
-IA3 = peft_format.register_peft(IA3Converter())
+IA3 = peft_convert.register_peft(IA3Converter())

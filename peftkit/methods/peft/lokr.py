@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ...core import peft_format, weights
+from ...core import peft_convert, weights
 from ...core.apply import get_state
 from ...core.config import ConfigError
 from ..kronecker import DiffuseKronAConfig, KroneckerLinear, factor_pair
@@ -24,7 +24,7 @@ PEFT_INERT = {"rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": 
 """peft LoKrConfig fields peftkit accepts only at their default (shown)."""
 
 
-class LoKrConverter(peft_format.PeftConverter):
+class LoKrConverter(peft_convert.PeftConverter):
     """DiffuseKronAConfig <-> peft LoKrConfig (undecomposed w1, w2)."""
 
     peft_type = "LOKR"
@@ -42,8 +42,8 @@ class LoKrConverter(peft_format.PeftConverter):
         factor = _peft_factor(cfg, layers)
         r = max(max(-(-max(layer.kron_B.shape) // 2), 1) for layer in layers)
         return {
-            **peft_format.common_fields(model, cfg, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names), "exclude_modules": None,
+            **peft_convert.common_fields(model, cfg, self.peft_type),
+            "target_modules": peft_convert.target_modules(model, names), "exclude_modules": None,
             "r": r, "alpha": cfg.alpha * r, "decompose_factor": factor, "decompose_both": False,
             "rank_dropout": 0.0, "module_dropout": 0.0, "rank_dropout_scale": False, "use_effective_conv2d": False,
             "init_weights": True, "rank_pattern": {}, "alpha_pattern": {},
@@ -53,10 +53,10 @@ class LoKrConverter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> DiffuseKronAConfig:
         """The config for a peft LoKrConfig dict whose w1, w2 are whole (the factor shapes follow decompose_factor)."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, PEFT_FIELDS, PEFT_INERT)
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+        peft_convert.check_fields(data, cls, PEFT_FIELDS, PEFT_INERT)
+        return cls(targets=peft_convert.peft_targets(data.get("target_modules")),
+                   exclude=peft_convert.peft_targets(data.get("exclude_modules")),
+                   layers=peft_convert.peft_layers(data), modules_to_save=peft_convert.peft_saved_modules(data),
                    factor=data.get("decompose_factor", -1), alpha=data.get("alpha", 8) / data.get("r", 8))
 
 
@@ -71,4 +71,4 @@ def _peft_factor(cfg: DiffuseKronAConfig, layers: list[KroneckerLinear]) -> int:
                       "LoKr can express a1 == a2, or shapes picked by `factor`. Save with format='peftkit'")
 
 
-LOKR = peft_format.register_peft(LoKrConverter())
+LOKR = peft_convert.register_peft(LoKrConverter())

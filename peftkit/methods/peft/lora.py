@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...core import peft_format, weights
+from ...core import peft_convert, weights
 from ...core.apply import get_state
 from ...core.config import ConfigError
 from ...core.layer import AdapterLayer
@@ -45,7 +45,7 @@ PEFT_LORA_INERT = {"bias": "none", "lora_bias": False, "use_qalora": False, "lay
 """peft LoraConfig fields peftkit accepts only at their default (shown): they change the model otherwise."""
 
 
-class LoRAConverter(peft_format.PeftConverter):
+class LoRAConverter(peft_convert.PeftConverter):
     """LoRAConfig <-> peft LoraConfig; linear, Conv1D and conv layers as `lora_A.weight`, embeddings as
     `lora_embedding_A`."""
 
@@ -62,11 +62,11 @@ class LoRAConverter(peft_format.PeftConverter):
         r_factor, a_factor = (2, math.sqrt(2) if cfg.rslora else 2) if fold else (1, 1)
         kinds = {weights.layer_kind(get_state(model).layers[n]) for n in names}
         return {
-            **peft_format.common_fields(model, cfg, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
+            **peft_convert.common_fields(model, cfg, self.peft_type),
+            "target_modules": peft_convert.target_modules(model, names),
             "r": cfg.r * r_factor, "lora_alpha": cfg.alpha * a_factor,
-            "rank_pattern": peft_format.pattern_dict({n: cfg.rank_for(n) * r_factor for n in names}, cfg.r * r_factor),
-            "alpha_pattern": peft_format.pattern_dict({n: cfg.alpha_for(n) * a_factor for n in names},
+            "rank_pattern": peft_convert.pattern_dict({n: cfg.rank_for(n) * r_factor for n in names}, cfg.r * r_factor),
+            "alpha_pattern": peft_convert.pattern_dict({n: cfg.alpha_for(n) * a_factor for n in names},
                                                       cfg.alpha * a_factor),
             "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
             "use_dora": self.variant.get("use_dora", False),
@@ -78,16 +78,16 @@ class LoRAConverter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> LoRAConfig:
         """The config for a peft LoraConfig dict (`model` is not needed: module names carry over as they are)."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, PEFT_LORA_FIELDS, PEFT_LORA_INERT)
+        peft_convert.check_fields(data, cls, PEFT_LORA_FIELDS, PEFT_LORA_INERT)
         init = data.get("init_lora_weights", True)
         if init not in PEFT_INITS:
             raise ConfigError(
                 f"peftkit cannot load a peft LoRA with init_lora_weights={init!r} (supported: True, False, "
                 "'gaussian', 'pissa', 'olora'); if that init changed the base weights, convert the adapter to a "
                 "plain LoRA in peft: save_pretrained(..., path_initial_model_for_weight_conversion=...)")
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+        return cls(targets=peft_convert.peft_targets(data.get("target_modules")),
+                   exclude=peft_convert.peft_targets(data.get("exclude_modules")),
+                   layers=peft_convert.peft_layers(data), modules_to_save=peft_convert.peft_saved_modules(data),
                    r=data.get("r", 8), alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                    rslora=bool(data.get("use_rslora", False)), init=PEFT_INITS[init],
                    rank_pattern=_peft_patterns(data.get("rank_pattern")),
@@ -134,5 +134,5 @@ def _peft_patterns(patterns: dict | None) -> dict:
     return {k if re.fullmatch(r"\w+", k) else f"re:(.*\\.)?({k})": v for k, v in (patterns or {}).items()}
 
 
-LORA = peft_format.register_peft(LoRAConverter())
-DORA = peft_format.register_peft(DoRAConverter())
+LORA = peft_convert.register_peft(LoRAConverter())
+DORA = peft_convert.register_peft(DoRAConverter())

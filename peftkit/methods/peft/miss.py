@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ...core import peft_format, weights
+from ...core import peft_convert, weights
 from ...core.apply import get_state
 from ...core.config import ConfigError
 from ..bone import BoneConfig
@@ -17,7 +17,7 @@ PEFT_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "laye
 value reads the same."""
 
 
-class BoneConverter(peft_format.PeftConverter):
+class BoneConverter(peft_convert.PeftConverter):
     """BoneConfig <-> peft MissConfig(init_weights="bat")."""
 
     peft_type = "MISS"
@@ -32,8 +32,8 @@ class BoneConverter(peft_format.PeftConverter):
             raise ConfigError(f"peft's MiSS adapts nn.Linear only, not GPT-2 Conv1D "
                               f"({', '.join(conv1d[:3])}); save this adapter with format='peftkit' (the default)")
         return {
-            **peft_format.common_fields(model, cfg, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
+            **peft_convert.common_fields(model, cfg, self.peft_type),
+            "target_modules": peft_convert.target_modules(model, names),
             "r": cfg.r, "init_weights": "bat", "miss_dropout": 0.0, "mini_r": 1, "bias": "none",
             "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
         }
@@ -41,14 +41,14 @@ class BoneConverter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> BoneConfig:
         """The config for a peft MissConfig dict written with init_weights="bat"."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, PEFT_FIELDS, {"bias": "none"})
+        peft_convert.check_fields(data, cls, PEFT_FIELDS, {"bias": "none"})
         if data.get("init_weights", True) != "bat":
             raise ConfigError(f"peftkit reads peft's MiSS only with init_weights='bat' (Bone), got "
                               f"init_weights={data.get('init_weights', True)!r}; load this adapter with peft")
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   exclude=peft_format.peft_targets(data.get("exclude_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+        return cls(targets=peft_convert.peft_targets(data.get("target_modules")),
+                   exclude=peft_convert.peft_targets(data.get("exclude_modules")),
+                   layers=peft_convert.peft_layers(data), modules_to_save=peft_convert.peft_saved_modules(data),
                    r=data.get("r", 64))
 
 
-MISS = peft_format.register_peft(BoneConverter())
+MISS = peft_convert.register_peft(BoneConverter())

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...core import peft_format
+from ...core import peft_convert
 from ...core.apply import get_state
 from ...core.config import ConfigError
 from ...core.layer import AdapterLayer
@@ -41,15 +41,15 @@ class PTuningConverter(PromptLearning):
         """Prompt tuning with the file's prompt (the encoder is not in the file)."""
         used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "modules_to_save",
                 "encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout")
-        peft_format.check_fields(data, self.config_cls, used, {"num_transformer_submodules": 1})
+        peft_convert.check_fields(data, self.config_cls, used, {"num_transformer_submodules": 1})
         if data.get("task_type") == "SEQ_2_SEQ_LM":
             raise ConfigError("peftkit's P-tuning prepends to one input sequence; peft's SEQ_2_SEQ_LM P-tuning "
                               "is not supported")
         return PromptTuningConfig(num_virtual_tokens=data.get("num_virtual_tokens"), init="random",
-                                  modules_to_save=peft_format.peft_saved_modules(data))
+                                  modules_to_save=peft_convert.peft_saved_modules(data))
 
     def export(self, layer: AdapterLayer) -> dict[str, torch.Tensor]:
         return {"prompt": layer.soft_prompt().detach()}  # peft saves the encoder's output, not the encoder
 
 
-P_TUNING = peft_format.register_peft(PTuningConverter())
+P_TUNING = peft_convert.register_peft(PTuningConverter())

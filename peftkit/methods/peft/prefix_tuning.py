@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...core import peft_format
+from ...core import peft_convert
 from ...core.config import ConfigError
 from ...core.layer import AdapterLayer
 from ..prefix_tuning import PrefixTuningConfig, kv_shape
@@ -41,15 +41,15 @@ class PrefixTuningConverter(PromptLearning):
         cls = self.config_cls
         used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size",
                 "prefix_projection", "init_weights", "modules_to_save")
-        peft_format.check_fields(data, cls, used, {"num_transformer_submodules": 1})
+        peft_convert.check_fields(data, cls, used, {"num_transformer_submodules": 1})
         if data.get("task_type") == "SEQ_2_SEQ_LM":
             raise ConfigError("peftkit's prefix tuning fills one self-attention cache; peft's SEQ_2_SEQ_LM prefixes "
                               "(encoder and decoder) are not supported")
         return cls(num_virtual_tokens=data.get("num_virtual_tokens"), init="random",
-                   modules_to_save=peft_format.peft_saved_modules(data))
+                   modules_to_save=peft_convert.peft_saved_modules(data))
 
     def export(self, layer: AdapterLayer) -> dict[str, torch.Tensor]:
         return {"prefix": layer.prefix_states().detach().flatten(1)}  # peft's (n, 2 L d_kv) layout
 
 
-PREFIX_TUNING = peft_format.register_peft(PrefixTuningConverter())
+PREFIX_TUNING = peft_convert.register_peft(PrefixTuningConverter())

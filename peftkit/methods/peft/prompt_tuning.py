@@ -10,14 +10,14 @@ from typing import Any
 
 import torch.nn as nn
 
-from ...core import peft_format
+from ...core import peft_convert
 from ...core.apply import get_state
 from ...core.config import ConfigError
 from ...core.layer import AdapterLayer
 from ..prompt_tuning import PromptTuningConfig
 
 
-class PromptLearning(peft_format.PeftConverter):
+class PromptLearning(peft_convert.PeftConverter):
     """What peft's prompt learning types share: one `prompt_embeddings` tensor and a required task type."""
 
     def key(self, layer: AdapterLayer, module_name: str, local: str) -> str:
@@ -25,11 +25,11 @@ class PromptLearning(peft_format.PeftConverter):
 
     def common(self, cfg: Any, model: nn.Module, what: str) -> dict[str, Any]:
         """`common_fields`, refusing a model whose task type peftkit cannot tell (peft picks its class by it)."""
-        common = peft_format.common_fields(model, cfg, self.peft_type)
+        common = peft_convert.common_fields(model, cfg, self.peft_type)
         if common["task_type"] is None:
             raise ConfigError(f"peft's {what} needs a task type, and peftkit cannot tell it from "
                               f"{type(model).__name__}; supported: model classes ending in "
-                              f"{', '.join(peft_format.TASK_TYPES)}")
+                              f"{', '.join(peft_convert.TASK_TYPES)}")
         return common
 
 
@@ -63,7 +63,7 @@ class PromptTuningConverter(PromptLearning):
         cls = self.config_cls
         used = ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "prompt_tuning_init",
                 "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs", "modules_to_save")
-        peft_format.check_fields(data, cls, used, {"num_transformer_submodules": 1})
+        peft_convert.check_fields(data, cls, used, {"num_transformer_submodules": 1})
         if data.get("task_type") == "SEQ_2_SEQ_LM":
             raise ConfigError("peftkit's prompt tuning prepends to one input sequence; peft's SEQ_2_SEQ_LM "
                               "prompt tuning (encoder and decoder prompts) is not supported")
@@ -72,7 +72,7 @@ class PromptTuningConverter(PromptLearning):
         if init == "text" and not (text and tokenizer):
             init = "random"  # the weights come from the file; the init only matters for training from scratch
         return cls(num_virtual_tokens=data.get("num_virtual_tokens"), init=init, init_text=text, tokenizer=tokenizer,
-                   modules_to_save=peft_format.peft_saved_modules(data))
+                   modules_to_save=peft_convert.peft_saved_modules(data))
 
 
-PROMPT_TUNING = peft_format.register_peft(PromptTuningConverter())
+PROMPT_TUNING = peft_convert.register_peft(PromptTuningConverter())

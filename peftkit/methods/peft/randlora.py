@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...core import peft_format, weights
+from ...core import peft_convert, weights
 from ...core.apply import get_state
 from ...core.layer import AdapterLayer
 from ..randlora import RandLoRAConfig
@@ -28,7 +28,7 @@ SHARED_PEFT_KEYS = {"basis_A": "base_model.randlora_A", "basis_B": "base_model.r
 """peft's keys of the model-wide bases (it also repeats them under every layer: `<module>.randlora_A`)."""
 
 
-class RandLoRAConverter(peft_format.PeftConverter):
+class RandLoRAConverter(peft_convert.PeftConverter):
     """RandLoRAConfig <-> peft RandLoraConfig."""
 
     peft_type = "RANDLORA"
@@ -40,8 +40,8 @@ class RandLoRAConverter(peft_format.PeftConverter):
         names = get_state(model).adapted
         kinds = {weights.layer_kind(get_state(model).layers[n]) for n in names}
         return {
-            **peft_format.common_fields(model, cfg, self.peft_type),
-            "target_modules": peft_format.target_modules(model, names),
+            **peft_convert.common_fields(model, cfg, self.peft_type),
+            "target_modules": peft_convert.target_modules(model, names),
             "r": cfg.r, "randlora_alpha": cfg.alpha, "randlora_dropout": cfg.dropout,
             "projection_prng_key": cfg.seed, "save_projection": True,
             "sparse": cfg.bases == "sparse", "very_sparse": cfg.bases == "very_sparse",
@@ -52,10 +52,10 @@ class RandLoRAConverter(peft_format.PeftConverter):
     def from_peft(self, data: dict[str, Any], model: nn.Module | None = None) -> RandLoRAConfig:
         """The config for a peft RandLoraConfig dict (peft's very_sparse wins over sparse, as in peft)."""
         cls = self.config_cls
-        peft_format.check_fields(data, cls, PEFT_FIELDS, {"bias": "none"})
+        peft_convert.check_fields(data, cls, PEFT_FIELDS, {"bias": "none"})
         bases = "very_sparse" if data.get("very_sparse") else "sparse" if data.get("sparse") else "dense"
-        return cls(targets=peft_format.peft_targets(data.get("target_modules")),
-                   layers=peft_format.peft_layers(data), modules_to_save=peft_format.peft_saved_modules(data),
+        return cls(targets=peft_convert.peft_targets(data.get("target_modules")),
+                   layers=peft_convert.peft_layers(data), modules_to_save=peft_convert.peft_saved_modules(data),
                    r=data.get("r", 32), alpha=data.get("randlora_alpha", 640),
                    dropout=data.get("randlora_dropout", 0.0), seed=data.get("projection_prng_key", 0), bases=bases)
 
@@ -73,4 +73,4 @@ class RandLoRAConverter(peft_format.PeftConverter):
                 SHARED_PEFT_KEYS["basis_A"]: a, SHARED_PEFT_KEYS["basis_B"]: b}
 
 
-RANDLORA = peft_format.register_peft(RandLoRAConverter())
+RANDLORA = peft_convert.register_peft(RandLoRAConverter())
