@@ -210,3 +210,26 @@ def unstack_blocks(tensors: dict[str, torch.Tensor], index: dict[str, list[int]]
             raise AdapterFileError(f"stacked tensor {pattern} does not match its index {indices}; save the adapter again")
         out.update({pattern.replace("*", str(i), 1): t.clone() for i, t in zip(indices, stacked.unbind(0), strict=True)})
     return out
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or an AdapterFileError naming the file."""
+    data = _json_of(path)
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def read_json_names(path: Path) -> list[str]:
+    """A JSON list of adapter names from a file (`adapter_order.json`), or an AdapterFileError naming it."""
+    data = _json_of(path)
+    if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+        raise AdapterFileError(f"{path} must hold a JSON list of adapter names")
+    return data
+
+
+def _json_of(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err}); save the adapter again") from err

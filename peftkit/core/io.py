@@ -40,6 +40,8 @@ from .files import (
     AdapterFileError,
     atomic_write,
     check_finite,
+    read_json,
+    read_json_names,
     read_safetensors,
     sha256_file,
     stack_blocks,
@@ -229,17 +231,6 @@ def adapter_format(directory: str | os.PathLike) -> str | None:
     return "peftkit" if ours else "peft" if peft else None
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from a file, or an AdapterFileError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err}); save the adapter again") from err
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{path} must hold a JSON object, not a {type(data).__name__}")
-    return data
-
-
 def read_adapter(directory: str | os.PathLike) -> tuple[AdapterConfig, dict, dict[str, torch.Tensor]]:
     """(config, metadata, tensors) of a peftkit adapter directory, fully validated as files.
 
@@ -375,18 +366,8 @@ def saved_adapters(directory: Path) -> list[tuple[str, Path]]:
     found = [(DEFAULT, directory)] if adapter_format(directory) is not None else []
     if directory.is_dir():
         found += [(p.name, p) for p in sorted(directory.iterdir()) if p.is_dir() and adapter_format(p) is not None]
-    order = read_json_list(directory / ORDER_FILE) if (directory / ORDER_FILE).is_file() else []
+    order = read_json_names(directory / ORDER_FILE) if (directory / ORDER_FILE).is_file() else []
     return sorted(found, key=lambda item: order.index(item[0]) if item[0] in order else len(order))
-
-
-def read_json_list(path: Path) -> list[str]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterFileError(f"{path} is not valid JSON ({err}); save the adapters again") from err
-    if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-        raise AdapterFileError(f"{path} must hold a JSON list of adapter names")
-    return data
 
 
 def _apply_and_fill(model: nn.Module, cfg: AdapterConfig, tensors_for, name: str | None = None) -> nn.Module:

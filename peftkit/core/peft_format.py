@@ -42,8 +42,8 @@ from safetensors.torch import save_file
 
 from .apply import get_state
 from .config import AdapterConfig, ConfigError
-from .files import check_finite, read_safetensors
-from .io import AdapterFileError, _few, adapter_state_dict, atomic_write, read_json
+from .files import check_finite, read_json, read_safetensors
+from .io import AdapterFileError, _few, adapter_state_dict, atomic_write
 from .layer import AdapterLayer
 from .params import parameters_of_modules
 from .peft_convert import PeftConverter, converter_for_peft, peft_converter
