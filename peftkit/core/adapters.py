@@ -22,13 +22,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .config import AdapterConfig, ConfigError
 from .layer import AdapterLayer
+from .model_adapter import ModelAdapter
 
 STATE_ATTR = "peftkit_state"
 DEFAULT = "default"
@@ -55,7 +55,7 @@ class AdapterState:
     """(module name, local name) -> requires_grad of its layers' parameters, restored on activation."""
     stash: dict[str, torch.Tensor] = field(default_factory=dict)
     """Trained values of its selected parameters while it is inactive (the originals are in the model)."""
-    model_adapter: Any = None
+    model_adapter: ModelAdapter | None = None
     """Its whole-model part (`core.model_adapter.ModelAdapter`), attached while the adapter is on the model."""
 
 
