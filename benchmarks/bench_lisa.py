@@ -26,19 +26,14 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_steps import timed_steps  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JOBS = ("full", "lora16", "lisa2", "lisa2-noemb", "ist-lora16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
 
 
 def setup(job: str, batch: dict):
@@ -69,8 +64,6 @@ def setup(job: str, batch: dict):
 
 
 def run_job(job: str, warmup: int, steps: int, batch_size: int, seq: int) -> dict:
-    import gc
-
     import torch
 
     torch.set_num_threads(1)
@@ -78,32 +71,15 @@ def run_job(job: str, warmup: int, steps: int, batch_size: int, seq: int) -> dic
     ids = torch.randint(0, 49152, (batch_size, seq), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "labels": ids}
     model, optimizer, schedule = setup(job, batch)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # restart the peak RSS counter: loading is not training
-    rss0 = status_mb("VmRSS")
-    wall, cpu, losses = [], [], []
-    for step in range(1, warmup + steps + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = model(**batch).loss
-        loss.backward()
-        if schedule is not None:
-            schedule.step(step, optimizer)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step > warmup:
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        losses.append(loss.item())
+    run = timed_steps(model, batch, optimizer, schedule, warmup, steps)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out = {"job": job, "peak_mb": status_mb("VmHWM"), "rss_before_steps_mb": rss0,
-           "over_model_mb": status_mb("VmHWM") - rss0, "optimizer_state_mb": state / 2**20,
-           "trainable_now": trainable, "step_s": wall, "cpu_s": cpu, "losses": losses}
+    out = {"job": job, **run, "optimizer_state_mb": state / 2**20, "trainable_now": trainable}
     if job == "ist-lora16":  # step 4 ran the score update (3 forwards on the held-out batch)
         update = [i for i, s in enumerate(range(warmup + 1, warmup + steps + 1)) if s % 4 == 0]
-        out["update_step_s"] = [wall[i] for i in update]
-        out["plain_step_s"] = [w for i, w in enumerate(wall) if i not in update]
+        out["update_step_s"] = [run["step_s"][i] for i in update]
+        out["plain_step_s"] = [w for i, w in enumerate(run["step_s"]) if i not in update]
         out["scores"] = schedule.scores.tolist()
     return out
 

@@ -23,24 +23,17 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_steps import timed_steps  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JOBS = ("lora16", "mgpo16")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
 def run_job(job: str, warmup: int, steps: int, batch_size: int, seq: int) -> dict:
-    import gc
-
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -56,24 +49,8 @@ def run_job(job: str, warmup: int, steps: int, batch_size: int, seq: int) -> dic
     peftkit.apply(model, peftkit.LoRAConfig(r=16, alpha=32, targets=TARGETS))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     schedule = MGPO(model, optimizer, rho=0.01, beta=0.8) if job == "mgpo16" else None
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # restart the peak RSS counter: loading is not training
-    rss0 = status_mb("VmRSS")
-    wall, cpu, losses = [], [], []
-    for step in range(1, warmup + steps + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = model(**batch).loss
-        loss.backward()
-        if schedule is not None:
-            schedule.step(step, optimizer)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step > warmup:
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-        losses.append(loss.item())
-    out = {"job": job, "peak_mb": status_mb("VmHWM"), "rss_before_steps_mb": rss0,
-           "over_model_mb": status_mb("VmHWM") - rss0, "step_s": wall, "cpu_s": cpu, "losses": losses}
+    run = timed_steps(model, batch, optimizer, schedule, warmup, steps)
+    out = {"job": job, **run}
     if schedule is not None:
         out["gbar_mean"] = float(torch.stack(list(schedule.gbar.values())).mean())
         out["layers"] = len(schedule.layers)
